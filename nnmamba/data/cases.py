@@ -1,0 +1,25 @@
+"""Layout-independent description of one case on disk.
+
+Every raw-layout reader (BraTS, AMOS, nnU-Net/MSD, ...) turns its folder
+structure into a list of :class:`CaseFiles`; preprocessing only ever sees this,
+which keeps it free of layout-specific knowledge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case.
+
+    ``images`` maps a channel name (e.g. a modality) to its file; the mapping's
+    order is the channel order of the stacked network input. ``label`` is the
+    segmentation file, or ``None`` for unlabelled (test) cases.
+    """
+
+    case_id: str
+    images: dict[str, Path]
+    label: Path | None

@@ -1,0 +1,364 @@
+"""Layout-agnostic loading, validation and preprocessing of cases (torchio throughout).
+
+Works for any number of channels and any label set: a layout reader hands over
+:class:`CaseFiles`, this module turns each into a canonical (RAS), per-channel
+z-scored, foreground-cropped subject, and records the geometry needed to put a
+prediction back onto the raw image grid (``to_raw_geometry``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+from tqdm import tqdm
+
+from nnmamba.data.cases import CaseFiles
+from nnmamba.data.errors import DataError
+
+# Two files of one case count as the same grid when their affines agree to this
+# (mm for origins, unitless for direction*spacing): NIfTI stores qform
+# quaternions in float32, so files written by different tools differ by ~1e-5.
+GEOMETRY_TOLERANCE = 1e-3
+MASK_KEY = "mask"
+DATASET_JSON = "dataset.json"
+IMAGE_SUFFIX = ".nii.gz"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Labels live as uint8 in memory and on disk: small, and nibabel (which
+# ToCanonical goes through) refuses int64 arrays.
+LABEL_DTYPE = torch.uint8
+
+
+def load_case(case: CaseFiles, label_values: Collection[int] | None) -> tio.Subject:
+    """Read and validate one case into a subject with ``image`` (C channels) and ``label``.
+
+    Channel order is the order of ``case.images``. ``label_values`` lists the
+    allowed label values (``None`` allows any integer).
+    """
+    if not case.images:
+        raise DataError(f"case {case.case_id}: no image files given")
+    channels = [_read_single_channel(case.case_id, path) for path in case.images.values()]
+    reference_path = next(iter(case.images.values()))
+    for path, image in zip(list(case.images.values())[1:], channels[1:]):
+        _check_same_grid(case.case_id, reference_path, channels[0], path, image)
+    affine = channels[0].affine
+    stacked = torch.cat([image.data.to(torch.float32) for image in channels])
+    subject = tio.Subject(
+        image=tio.ScalarImage(tensor=stacked, affine=affine),
+        case_id=case.case_id,
+        channels=list(case.images),
+    )
+    if case.label is not None:
+        label = _read_label(case.case_id, case.label, label_values)
+        _check_same_grid(case.case_id, reference_path, channels[0], case.label, label)
+        subject.add_image(tio.LabelMap(tensor=label.data, affine=affine), "label")
+    return subject
+
+
+def read_image_file(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
+    """torchio reader returning ([C, W, H, D] tensor, RAS affine): NiBabel for NIfTI, SimpleITK otherwise.
+
+    Why not torchio's default (SimpleITK) for NIfTI: its NIfTI library silently
+    turns NaN/inf voxels into 0 and zero-fills a truncated .nii.gz, so neither
+    fault could be detected; NiBabel keeps the NaNs and raises on truncation.
+    """
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        return tio.data.io.read_image(path)
+    image = nib.load(str(path), mmap=False)
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector: (W, H, D, 1, C)
+        data = data[:, :, :, 0]
+    if data.ndim == 3:
+        data = data[np.newaxis]
+    elif data.ndim == 4:
+        data = data.transpose(3, 0, 1, 2)
+    else:
+        raise ValueError(f"expected a 3D image or a 4D one with channels last, got shape {data.shape}")
+    return torch.as_tensor(tio.data.io.check_uint_to_int(np.ascontiguousarray(data))), image.affine
+
+
+def _read_image(case_id: str, path: Path, image_type: type[tio.Image]) -> tio.Image:
+    """Load a file fully, turning any reader failure into one DataError."""
+    with warnings.catch_warnings():
+        # torchio warns before falling back from SimpleITK to NiBabel; the
+        # DataError below already says the file could not be read.
+        warnings.filterwarnings("ignore", message="Error loading image with SimpleITK")
+        try:
+            image = image_type(path, reader=read_image_file)
+            image.load()
+        # Readers fail in many types (RuntimeError, EOFError, zlib.error,
+        # OSError, ImageFileError, ...) for a truncated or foreign file.
+        except Exception as error:
+            raise DataError(f"case {case_id}: cannot read {path}: {error}") from error
+    return image
+
+
+def _read_single_channel(case_id: str, path: Path) -> tio.ScalarImage:
+    image = _read_image(case_id, path, tio.ScalarImage)
+    if image.num_channels != 1:
+        raise DataError(f"case {case_id}: {path} has {image.num_channels} channels, expected 1")
+    bad = int((~torch.isfinite(image.data.to(torch.float32))).sum())
+    if bad:
+        raise DataError(f"case {case_id}: {path} contains {bad} NaN/inf voxels")
+    return image
+
+
+def _read_label(case_id: str, path: Path, label_values: Collection[int] | None) -> tio.LabelMap:
+    label = _read_image(case_id, path, tio.LabelMap)
+    if label.num_channels != 1:
+        raise DataError(f"case {case_id}: label {path} has {label.num_channels} channels, expected 1")
+    values = torch.unique(label.data).tolist()
+    non_integer = [v for v in values if not float(v).is_integer()]
+    if non_integer:
+        raise DataError(f"case {case_id}: label {path} has non-integer values {non_integer[:5]}")
+    if label_values is not None:
+        unexpected = sorted(int(v) for v in values if int(v) not in set(label_values))
+        if unexpected:
+            raise DataError(
+                f"case {case_id}: label {path} has values {unexpected} outside the allowed {sorted(label_values)}"
+            )
+    limits = torch.iinfo(LABEL_DTYPE)
+    if min(values) < limits.min or max(values) > limits.max:
+        raise DataError(f"case {case_id}: label {path} has values outside [{limits.min}, {limits.max}]")
+    label.set_data(label.data.to(LABEL_DTYPE))
+    return label
+
+
+def _check_same_grid(case_id: str, ref_path: Path, ref: tio.Image, path: Path, image: tio.Image) -> None:
+    if image.spatial_shape != ref.spatial_shape:
+        raise DataError(
+            f"case {case_id}: {path} has shape {image.spatial_shape} but {ref_path} has {ref.spatial_shape}"
+        )
+    if not np.allclose(image.affine, ref.affine, rtol=0, atol=GEOMETRY_TOLERANCE):
+        raise DataError(
+            f"case {case_id}: {path} has a different geometry (affine) than {ref_path}:\n"
+            f"{np.round(image.affine, 4)}\nvs\n{np.round(ref.affine, 4)}"
+        )
+
+
+def preprocess_subject(subject: tio.Subject, crop_margin: int) -> tuple[tio.Subject, dict]:
+    """Canonical orientation, per-channel z-score inside the head mask, crop to the mask.
+
+    The mask is "any channel nonzero" (raw scans are 0 outside the head). Returns
+    the subject and JSON-serialisable properties that ``to_raw_geometry`` uses.
+    """
+    case_id = subject.get("case_id", "<unnamed>")
+    names = subject.get("channels", [str(i) for i in range(subject["image"].num_channels)])
+    canonical = tio.ToCanonical()(subject)
+    image = canonical["image"]
+    mask = (image.data != 0).any(dim=0, keepdim=True)
+    if not mask.any():
+        raise DataError(f"case {case_id}: every voxel of every channel is 0, no foreground to normalise")
+    result = tio.Subject(
+        image=tio.ScalarImage(tensor=_zscore_inside_mask(case_id, names, image, mask), affine=image.affine),
+        case_id=case_id,
+        channels=names,
+    )
+    if "label" in canonical:
+        result.add_image(tio.LabelMap(tensor=canonical["label"].data, affine=image.affine), "label")
+    start, stop = _bounding_box(mask[0], crop_margin)
+    shape = np.asarray(image.spatial_shape)
+    result = tio.Crop(tuple(int(v) for pair in zip(start, shape - stop) for v in pair))(result)
+    return result, _geometry_properties(subject["image"], shape, start, stop, crop_margin, result["image"])
+
+
+def _geometry_properties(
+    raw: tio.Image, canonical_shape: np.ndarray, start: np.ndarray, stop: np.ndarray, margin: int, out: tio.Image
+) -> dict:
+    """JSON-serialisable record of raw and preprocessed geometry and the crop box (canonical voxels)."""
+    return {
+        "raw_shape": list(raw.spatial_shape),
+        "raw_spacing": [float(s) for s in raw.spacing],
+        "raw_affine": raw.affine.tolist(),
+        "raw_orientation": "".join(raw.orientation),
+        "canonical_shape": [int(s) for s in canonical_shape],
+        "crop_start": [int(s) for s in start],
+        "crop_stop": [int(s) for s in stop],
+        "crop_margin": int(margin),
+        "preprocessed_shape": list(out.spatial_shape),
+        "preprocessed_affine": out.affine.tolist(),
+    }
+
+
+def _zscore_inside_mask(case_id: str, names: list[str], image: tio.ScalarImage, mask: torch.Tensor) -> torch.Tensor:
+    """Per-channel z-score over the mask, 0 outside it.
+
+    torchio's ZNormalization pools all channels of one image, so each channel
+    becomes its own image of a temporary subject.
+    """
+    keys = [f"channel_{i}" for i in range(image.num_channels)]
+    for name, channel in zip(names, image.data):
+        if channel[mask[0]].std() == 0:
+            raise DataError(f"case {case_id}: channel {name} is constant inside the head mask")
+    temporary = tio.Subject(
+        {key: tio.ScalarImage(tensor=image.data[i : i + 1], affine=image.affine) for i, key in enumerate(keys)},
+        **{MASK_KEY: tio.LabelMap(tensor=mask.to(torch.uint8), affine=image.affine)},
+    )
+    normalise = tio.Compose([tio.ZNormalization(masking_method=MASK_KEY), tio.Mask(masking_method=MASK_KEY)])
+    normalised = normalise(temporary)
+    return torch.cat([normalised[key].data for key in keys]).to(torch.float32)
+
+
+def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Half-open [start, stop) voxel box of a 3D mask, grown by ``margin`` and clipped."""
+    coords = torch.nonzero(mask).numpy()
+    start = np.maximum(coords.min(axis=0) - margin, 0)
+    stop = np.minimum(coords.max(axis=0) + 1 + margin, np.asarray(mask.shape))
+    return start, stop
+
+
+def prepare_dataset(
+    cases: list[CaseFiles],
+    out_dir: Path,
+    label_values: Collection[int] | None,
+    crop_margin: int,
+    progress: bool = True,
+) -> dict:
+    """Preprocess every case into ``out_dir`` (images/, labels/, dataset.json), atomically.
+
+    Everything is written to a temporary sibling directory that replaces
+    ``out_dir`` only once every case succeeded; on any error it is removed and a
+    pre-existing ``out_dir`` is left exactly as it was. ``label_values`` may be
+    a mapping value -> name (e.g. BRATS_LABELS) to name the labels in dataset.json.
+    Returns the dataset.json content.
+    """
+    out_dir = Path(out_dir)
+    channels = _common_channels(cases)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A unique sibling (same filesystem, so the final rename is atomic); plain
+    # mkdir rather than mkdtemp so the result gets the usual umask permissions.
+    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
+    try:
+        (staging / "images").mkdir()
+        (staging / "labels").mkdir()
+        entries, seen_labels = {}, set()
+        for case in tqdm(cases, desc="prepare", unit="case", disable=not progress):
+            entries[case.case_id] = _prepare_case(case, staging, label_values, crop_margin, seen_labels)
+        dataset = {"channels": channels, "labels": _label_names(label_values, seen_labels), "cases": entries}
+        (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dataset
+
+
+def _common_channels(cases: list[CaseFiles]) -> list[str]:
+    if not cases:
+        raise DataError("no cases to prepare")
+    channels = list(cases[0].images)
+    seen: set[str] = set()
+    for case in cases:
+        if list(case.images) != channels:
+            raise DataError(f"case {case.case_id}: channels {list(case.images)} differ from {channels}")
+        if case.case_id in seen:
+            raise DataError(f"case {case.case_id}: case id appears twice")
+        seen.add(case.case_id)
+    return channels
+
+
+def _prepare_case(
+    case: CaseFiles, staging: Path, label_values: Collection[int] | None, crop_margin: int, seen_labels: set[int]
+) -> dict:
+    subject, properties = preprocess_subject(load_case(case, label_values), crop_margin)
+    image_rel = f"images/{case.case_id}{IMAGE_SUFFIX}"
+    subject["image"].save(staging / image_rel)
+    entry = {
+        "image": image_rel,
+        "label": None,
+        "raw_images": {name: str(Path(path).resolve()) for name, path in case.images.items()},
+        "raw_label": None,
+        "properties": properties,
+    }
+    if "label" in subject:
+        seen_labels.update(int(v) for v in torch.unique(subject["label"].data))
+        label_rel = f"labels/{case.case_id}{IMAGE_SUFFIX}"
+        subject["label"].save(staging / label_rel)
+        entry["label"] = label_rel
+        entry["raw_label"] = str(Path(case.label).resolve())
+    return entry
+
+
+def _label_names(label_values: Collection[int] | None, seen_labels: set[int]) -> dict[str, str]:
+    """JSON keys must be strings; without given names a value is its own name."""
+    if isinstance(label_values, Mapping):
+        return {str(int(v)): str(name) for v, name in sorted(label_values.items())}
+    values = sorted(seen_labels if label_values is None else {int(v) for v in label_values})
+    return {str(v): str(v) for v in values}
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Rename ``new`` onto ``target``; an existing ``target`` is restored if the swap fails.
+
+    rename(2) cannot replace a non-empty directory, hence the move-aside.
+    """
+    if not target.exists():
+        os.rename(new, target)
+        return
+    aside = new.with_name(new.name + ".old")
+    os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside)
+
+
+def load_preprocessed(dataset_dir: Path, case_id: str) -> tio.Subject:
+    """Subject of one prepared case: ``image``, ``label`` (when labelled), ``case_id``."""
+    dataset_dir = Path(dataset_dir)
+    entry = _dataset_entry(dataset_dir, case_id)
+    subject = tio.Subject(image=tio.ScalarImage(dataset_dir / entry["image"]), case_id=case_id)
+    if entry["label"] is not None:
+        subject.add_image(tio.LabelMap(dataset_dir / entry["label"]), "label")
+    return subject
+
+
+def _dataset_entry(dataset_dir: Path, case_id: str) -> dict:
+    path = dataset_dir / DATASET_JSON
+    try:
+        cases = json.loads(path.read_text())["cases"]
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"cannot read prepared dataset index {path}: {error}") from error
+    if case_id not in cases:
+        raise DataError(f"case {case_id}: not in prepared dataset {path}")
+    return cases[case_id]
+
+
+def to_raw_geometry(label_or_probs: torch.Tensor, properties: dict, reference: Path) -> tio.Image:
+    """Map a prediction from preprocessed space onto the raw grid of ``reference``.
+
+    Integer/bool tensors are label maps (nearest neighbour); floating tensors are
+    probabilities (linear) and are 0 outside the crop box, so an argmax there
+    picks channel 0. Accepts [C, *spatial] or [*spatial]. Resampling to the raw
+    reference undoes the crop and the reorientation in one step (and any future
+    spacing change), so the result has the raw file's size, spacing, origin and
+    direction.
+    """
+    reference = Path(reference)
+    if not reference.is_file():
+        raise DataError(f"reference image {reference} does not exist")
+    tensor = label_or_probs.detach().cpu()
+    tensor = tensor if tensor.ndim == 4 else tensor[None]
+    if list(tensor.shape[1:]) != list(properties["preprocessed_shape"]):
+        raise ValueError(
+            f"prediction shape {list(tensor.shape[1:])} is not the preprocessed shape "
+            f"{properties['preprocessed_shape']}"
+        )
+    affine = np.asarray(properties["preprocessed_affine"], dtype=np.float64)
+    if tensor.is_floating_point():
+        image: tio.Image = tio.ScalarImage(tensor=tensor.to(torch.float32), affine=affine)
+    else:
+        image = tio.LabelMap(tensor=tensor.to(torch.int64), affine=affine)
+    return tio.Resample(target=tio.ScalarImage(reference, reader=read_image_file))(image)

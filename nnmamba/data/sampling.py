@@ -1,0 +1,208 @@
+"""Training patches: torchio SubjectsDataset + Queue + LabelSampler, sharded over DDP ranks.
+
+Layout-agnostic: any number of channels, any label set. Volumes are padded to
+at least the patch size, augmented whole (in the queue's worker processes),
+then patches are drawn with foreground oversampling (``label_probabilities``)
+by :class:`ContainingLabelSampler`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader
+
+T = TypeVar("T")
+
+FLIP_KEYS = {"flip_axes": "axes"}
+# augmentation probability key -> (torchio transform, {optional key: its keyword}, fixed keywords).
+# Absent optional keys keep torchio's defaults; the probability is the transform's p.
+RANDOM_TRANSFORMS: dict[str, tuple[type[tio.Transform], dict[str, str], dict[str, Any]]] = {
+    # Preprocessed volumes are 0 outside the head, so resampling pads with 0 too.
+    "affine_p": (tio.RandomAffine, {"scales": "scales", "degrees": "degrees"}, {"default_pad_value": 0}),
+    "gamma_p": (tio.RandomGamma, {"log_gamma": "log_gamma"}, {}),
+    "noise_p": (tio.RandomNoise, {"noise_std": "std"}, {}),
+}
+AUGMENTATION_KEYS = frozenset(
+    {"flip_p", *FLIP_KEYS, *RANDOM_TRANSFORMS, *(k for _, keys, _ in RANDOM_TRANSFORMS.values() for k in keys)}
+)
+
+
+def augmentation_transform(augmentation: dict) -> tio.Transform:
+    """Random spatial then intensity transforms from a params.yaml ``augmentation`` dict.
+
+    Keys: ``flip_p`` (per-axis flip probability) with ``flip_axes``; ``affine_p``
+    with ``scales``, ``degrees``; ``gamma_p`` with ``log_gamma``; ``noise_p`` with
+    ``noise_std``. A transform is used only when its probability is > 0, so an
+    empty dict is the identity. Unknown keys raise ValueError.
+    """
+    unknown = sorted(set(augmentation) - AUGMENTATION_KEYS)
+    if unknown:
+        raise ValueError(f"unknown augmentation key(s) {unknown}; known keys: {sorted(AUGMENTATION_KEYS)}")
+    transforms: list[tio.Transform] = []
+    if augmentation.get("flip_p", 0) > 0:
+        kwargs = _present_keywords(augmentation, FLIP_KEYS)
+        transforms.append(tio.RandomFlip(flip_probability=augmentation["flip_p"], **kwargs))
+    for probability_key, (transform_type, keys, fixed) in RANDOM_TRANSFORMS.items():
+        if augmentation.get(probability_key, 0) > 0:
+            kwargs = _present_keywords(augmentation, keys)
+            transforms.append(transform_type(p=augmentation[probability_key], **fixed, **kwargs))
+    return tio.Compose(transforms)
+
+
+def _present_keywords(augmentation: dict, keys: dict[str, str]) -> dict[str, Any]:
+    """Keywords for the keys present; YAML lists become the tuples torchio expects."""
+    return {
+        keyword: tuple(augmentation[key]) if isinstance(augmentation[key], list) else augmentation[key]
+        for key, keyword in keys.items()
+        if key in augmentation
+    }
+
+
+class ContainingLabelSampler(tio.LabelSampler):
+    """LabelSampler that can choose any voxel, borders included (nnU-Net's rule).
+
+    torchio's LabelSampler centres the patch on the chosen voxel, so voxels
+    within half a patch of the border are never chosen: foreground lying only
+    there is never oversampled, or raises "Empty probability map" when only
+    foreground is asked for. Here every voxel is eligible and the patch is
+    shifted to stay inside the (padded) volume while still containing it.
+    Overrides torchio's sampling hooks; the probability rules are unchanged.
+    """
+
+    def get_probability_map(self, subject: tio.Subject) -> torch.Tensor:
+        label_map = self.get_probability_map_image(subject).data.float()
+        if self.label_probabilities_dict is None:
+            return label_map > 0
+        # A 1-voxel "patch" makes torchio weigh labels over the whole volume.
+        return self.get_probabilities_from_label_map(label_map, self.label_probabilities_dict, np.ones(3, dtype=int))
+
+    @staticmethod
+    def clear_probability_borders(probability_map: np.ndarray, patch_size: np.ndarray) -> None:
+        """Keep border voxels eligible (torchio zeroes them)."""
+
+    def get_random_index_ini(self, probability_map: np.ndarray, cdf: np.ndarray) -> np.ndarray:
+        chosen = self.sample_probability_map(probability_map, cdf)
+        highest_start = np.asarray(probability_map.shape) - self.patch_size
+        return np.clip(chosen - self.patch_size // 2, 0, highest_start)
+
+
+def make_patch_loader(
+    image_paths: list[Path],
+    label_paths: list[Path],
+    patch_size: tuple[int, int, int],
+    batch_size: int,
+    samples_per_volume: int,
+    queue_length: int,
+    label_probabilities: dict[int, float] | None,
+    augmentation: dict,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """Loader of patch batches for one DDP rank.
+
+    Batches are dicts: ``image`` float32 [B, C, *patch_size], ``label`` int64
+    [B, 1, *patch_size], ``location`` int64 [B, 6] (patch start and stop voxel in
+    the padded volume) and ``case_id`` (list of str). Spatial axes keep the
+    on-disk voxel order. ``label_probabilities`` weighs the label of the voxel a
+    patch is drawn around (``None``: always a nonzero label); the patch always
+    contains that voxel and is centred on it unless it is near the border. Every rank yields the same number
+    of batches per epoch so DDP collectives stay in step.
+    """
+    if len(image_paths) != len(label_paths):
+        raise ValueError(f"{len(image_paths)} images but {len(label_paths)} labels")
+    subjects = _rank_subjects(list(zip(image_paths, label_paths)), samples_per_volume, rank, world_size)
+    transform = tio.Compose([tio.CropOrPad(patch_size, only_pad=True), augmentation_transform(augmentation)])
+    queue = tio.Queue(
+        tio.SubjectsDataset(subjects, transform=transform),
+        max_length=queue_length,
+        samples_per_volume=samples_per_volume,
+        sampler=ContainingLabelSampler(patch_size, label_name="label", label_probabilities=label_probabilities),
+        num_workers=num_workers,
+        start_background=False,
+    )
+    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    return PrivateRngLoader(queue, seed=rank_seed, batch_size=batch_size, collate_fn=collate_patches)
+
+
+def _rank_subjects(
+    pairs: list[tuple[Path, Path]], samples_per_volume: int, rank: int, world_size: int
+) -> list[tio.Subject]:
+    """This rank's disjoint share of subjects (round robin), with per-subject patch counts.
+
+    Ranks holding one subject fewer draw proportionally more patches per subject,
+    so every rank has ceil(n / world_size) * samples_per_volume patches per epoch:
+    unequal epoch lengths would leave a DDP rank waiting in an all-reduce forever.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if len(pairs) < world_size:
+        raise ValueError(f"{len(pairs)} subjects cannot be shared by {world_size} ranks")
+    shard = pairs[rank::world_size]
+    patches_per_rank = math.ceil(len(pairs) / world_size) * samples_per_volume
+    base, extra = divmod(patches_per_rank, len(shard))
+    return [
+        tio.Subject(
+            image=tio.ScalarImage(image),
+            label=tio.LabelMap(label),
+            case_id=_case_id(Path(image)),
+            num_samples=base + int(index < extra),
+        )
+        for index, (image, label) in enumerate(shard)
+    ]
+
+
+def _case_id(path: Path) -> str:
+    """``BraTS-GLI-00000-000.nii.gz`` -> ``BraTS-GLI-00000-000`` (also .nrrd, .mha, ...)."""
+    return Path(path.name.removesuffix(".gz")).stem
+
+
+def collate_patches(patches: list[tio.Subject]) -> dict[str, Any]:
+    """Plain tensors instead of torchio's nested per-image dicts."""
+    return {
+        "image": torch.stack([patch["image"].data for patch in patches]).to(torch.float32),
+        "label": torch.stack([patch["label"].data for patch in patches]).to(torch.int64),
+        "location": torch.stack([torch.as_tensor(patch[tio.LOCATION]) for patch in patches]).to(torch.int64),
+        "case_id": [patch["case_id"] for patch in patches],
+    }
+
+
+class PrivateRngLoader(DataLoader):
+    """DataLoader whose randomness comes from its own seeded stream, not the caller's.
+
+    torchio (patch centres, augmentation, subject and patch shuffling) and the
+    queue's worker seeds all draw from the global torch RNG. Swapping in a
+    private RNG state around every fetch makes the batch sequence depend only on
+    the seed, not on what the model (initialisation, dropout) draws in between:
+    two runs, or two ablation variants with the same seed, see the same patches.
+    """
+
+    def __init__(self, dataset: tio.Queue, seed: int, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self._rng_state = torch.Generator().manual_seed(seed).get_state()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = self._with_private_rng(super().__iter__)
+        while True:
+            try:
+                batch = self._with_private_rng(lambda: next(batches))
+            except StopIteration:
+                return
+            yield batch
+
+    def _with_private_rng(self, fetch: Callable[[], T]) -> T:
+        caller_state = torch.get_rng_state()
+        torch.set_rng_state(self._rng_state)
+        try:
+            return fetch()
+        finally:
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(caller_state)
