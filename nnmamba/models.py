@@ -1,0 +1,120 @@
+"""nnMamba architectures and the registry that builds them by (task, variant).
+
+The registry is the one entry point the pipeline uses: `build_model(task, variant, in_channels,
+out_channels, **kwargs)`. Variants are the ablation rows of the paper's Table 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnmamba.blocks import DoubleConv, ConvNormAct, MambaInConv, SkipScale, mamba_factory, residual_stage
+
+DENSE_VARIANTS: dict[str, dict[str, bool]] = {
+    "baseline": {"use_ssm": False, "siamese": False},
+    "mic": {"use_ssm": True, "siamese": False},
+    "miccss": {"use_ssm": True, "siamese": True},
+}
+
+
+class NnMambaSeg(nn.Module):
+    """Residual encoder with MIC/MICCSS branches, conv decoder with skip scaling (paper Fig. 2a).
+
+    Used for segmentation (one output channel per class) and landmark detection (one heatmap
+    per landmark). The input's spatial size must be divisible by 16 (four stride-2 stages).
+    """
+
+    DOWNSAMPLING = 16
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        variant: str = "miccss",
+        base_channels: int = 32,
+        blocks_per_stage: int = 3,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        se_reduction: int = 16,
+        ssm_backend: str = "auto",
+    ):
+        super().__init__()
+        if variant not in DENSE_VARIANTS:
+            raise ValueError(f"unknown dense variant {variant!r}; known: {sorted(DENSE_VARIANTS)}")
+        self.variant = variant
+        options = DENSE_VARIANTS[variant]
+        ssm = mamba_factory(d_state, d_conv, expand, ssm_backend)
+        widths = [base_channels * 2**i for i in range(4)]
+
+        def global_branch(channels: int) -> nn.Module | None:
+            return MambaInConv(channels, ssm(channels), options["siamese"]) if options["use_ssm"] else None
+
+        self.stem = DoubleConv(in_channels, widths[0], stride=2)
+        self.encoder = nn.ModuleList(
+            residual_stage(widths[i], widths[i + 1], blocks_per_stage, 2, global_branch(widths[i + 1]))
+            for i in range(3)
+        )
+        self.skip_scales = nn.ModuleList(SkipScale(w, se_reduction) for w in widths[:3])
+        self.decoder = nn.ModuleList(DoubleConv(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(3)))
+        self.head = nn.Sequential(ConvNormAct(widths[0], widths[0]), nn.Conv3d(widths[0], out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(s % self.DOWNSAMPLING for s in x.shape[2:]):
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be divisible by {self.DOWNSAMPLING}")
+        skips = [self.stem(x)]
+        for stage in self.encoder:
+            skips.append(stage(skips[-1]))
+        out = skips.pop()
+        for block, scale, skip in zip(self.decoder, reversed(self.skip_scales), reversed(skips)):
+            out = F.interpolate(out, scale_factor=2, mode="trilinear", align_corners=False)
+            out = block(torch.cat([out, scale(skip)], dim=1))
+        out = F.interpolate(out, scale_factor=2, mode="trilinear", align_corners=False)
+        return self.head(out)
+
+
+ModelBuilder = Callable[..., nn.Module]
+_REGISTRY: dict[str, dict[str, ModelBuilder]] = {}
+
+
+def register(task: str, variant: str, builder: ModelBuilder) -> None:
+    """Add a (task, variant) -> builder entry; builders take (in_channels, out_channels, **kwargs)."""
+    _REGISTRY.setdefault(task, {})[variant] = builder
+
+
+def available_variants(task: str) -> tuple[str, ...]:
+    """The ablation variants registered for a task, in registration order."""
+    if task not in _REGISTRY:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(_REGISTRY)}")
+    return tuple(_REGISTRY[task])
+
+
+def build_model(task: str, variant: str, in_channels: int, out_channels: int, **kwargs) -> nn.Module:
+    """Build the network of one ablation variant; kwargs are the architecture's own options."""
+    variants = _REGISTRY.get(task)
+    if variants is None:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(_REGISTRY)}")
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} for task {task!r}; known: {list(variants)}")
+    return variants[variant](in_channels, out_channels, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once (as the paper counts them)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _dense_builder(variant: str) -> ModelBuilder:
+    def build(in_channels: int, out_channels: int, **kwargs) -> nn.Module:
+        return NnMambaSeg(in_channels, out_channels, variant=variant, **kwargs)
+
+    return build
+
+
+for _task in ("segmentation", "landmark"):
+    for _variant in DENSE_VARIANTS:
+        register(_task, _variant, _dense_builder(_variant))
