@@ -1,0 +1,102 @@
+"""Training and validation steps, free of any orchestration (no Ray, no MLflow).
+
+The pipeline's Ray Train worker calls these; so can a notebook or a plain script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnmamba.inference import predict_labels
+from nnmamba.metrics import dice
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(name: str) -> torch.dtype | None:
+    """Map the params.yaml `amp` string to a dtype (None = full precision)."""
+    if name not in AMP_DTYPES:
+        raise ValueError(f"unknown amp mode {name!r}; known: {sorted(AMP_DTYPES)}")
+    return AMP_DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision where asked for; a no-op context otherwise."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The paper's Adam (lr 0.002, weight decay 0.001); SSM parameters flagged `_no_weight_decay` are exempt."""
+    if name != "adam":
+        raise ValueError(f"unknown optimizer {name!r}; known: ['adam']")
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if getattr(param, "_no_weight_decay", False) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def repeat_batches(loader: Iterable) -> Iterator:
+    """Cycle a finite loader forever, so an epoch is a fixed number of steps (nnU-Net style)."""
+    while True:
+        yield from loader
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterator[Mapping[str, torch.Tensor]],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> float:
+    """Run `steps` optimisation steps and return the mean training loss.
+
+    A non-finite loss stops training with an error instead of silently corrupting the weights.
+    """
+    model.train()
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    total = 0.0
+    for step, batch in enumerate(islice(batches, steps)):
+        image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        target = batch["label"].to(device, non_blocking=True)
+        with autocast(device, dtype):
+            loss = loss_fn(model(image), target)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total / steps
+
+
+def validation_dice(
+    model: nn.Module,
+    cases: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    regions: Mapping[str, Sequence[int]],
+    patch_size: Sequence[int],
+    overlap: float,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> list[float]:
+    """Per-case mean Dice over `regions` with whole-volume sliding-window inference."""
+    scores = []
+    for image, label in cases:
+        pred = predict_labels(model, image, patch_size, overlap=overlap, device=device, amp_dtype=dtype)[0].numpy()
+        truth = label.reshape(pred.shape).numpy()
+        per_region = [dice(np.isin(pred, labels), np.isin(truth, labels)) for labels in regions.values()]
+        scores.append(sum(per_region) / len(per_region))
+    return scores

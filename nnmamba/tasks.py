@@ -1,0 +1,89 @@
+"""What differs between the paper's tasks during training: data, loss, validation and model selection.
+
+The training loop (`pipelines/train_worker.py`) is task-agnostic; it looks the task up here. A
+task's validation runs on each worker's share of the validation cases and returns per-case
+records; `summarise` turns the records of ALL workers into the reported metrics, so metrics that
+do not average over shards (AUC, say) are still computed on the whole validation set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnmamba.data.preprocess import load_preprocessed
+from nnmamba.data.sampling import make_patch_loader
+from nnmamba.engine import validation_dice
+from nnmamba.losses import build_loss
+
+
+@dataclass(frozen=True)
+class TrainingTask:
+    """The task-specific pieces of training; `selection_mode` is "max" or "min"."""
+
+    name: str
+    selection_metric: str
+    selection_mode: str
+    train_loader: Callable[..., Iterable[Mapping[str, torch.Tensor]]]
+    loss: Callable[[], nn.Module]
+    validate: Callable[..., list[dict[str, Any]]]
+    summarise: Callable[[list[dict[str, Any]]], dict[str, float]]
+
+
+def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
+                        rank: int, world_size: int) -> Iterable[Mapping[str, torch.Tensor]]:
+    """Foreground-oversampled random patches of the training cases (torchio queue)."""
+    cases = [index["cases"][c] for c in case_ids]
+    return make_patch_loader(
+        image_paths=[dataset_dir / c["image"] for c in cases],
+        label_paths=[dataset_dir / c["label"] for c in cases],
+        patch_size=tuple(train["patch_size"]),
+        batch_size=train["batch_size"],
+        samples_per_volume=train["samples_per_volume"],
+        queue_length=train["queue_length"],
+        label_probabilities={int(k): v for k, v in train["label_probabilities"].items()},
+        augmentation=train["augmentation"],
+        num_workers=train["data_workers"],
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def segmentation_validate(model: nn.Module, dataset_dir: Path, case_ids: list[str], config: dict,
+                          device: torch.device, dtype: torch.dtype | None) -> list[dict[str, Any]]:
+    """Whole-volume sliding-window Dice, averaged over the study's regions, per validation case."""
+    subjects = (load_preprocessed(dataset_dir, case_id) for case_id in case_ids)
+    pairs = ((s["image"].data, s["label"].data) for s in subjects)
+    train, regions = config["train"], config["evaluate"]["regions"]
+    scores = validation_dice(model, pairs, regions, train["patch_size"], train["val_overlap"], device, dtype)
+    return [{"case_id": case_id, "dice": score} for case_id, score in zip(case_ids, scores)]
+
+
+def segmentation_summarise(records: list[dict[str, Any]]) -> dict[str, float]:
+    return {"val_dice_mean": sum(r["dice"] for r in records) / max(len(records), 1)}
+
+
+TASKS: dict[str, TrainingTask] = {
+    "segmentation": TrainingTask(
+        name="segmentation",
+        selection_metric="val_dice_mean",
+        selection_mode="max",
+        train_loader=segmentation_loader,
+        loss=lambda: build_loss("segmentation"),
+        validate=segmentation_validate,
+        summarise=segmentation_summarise,
+    ),
+}
+
+
+def get_task(name: str) -> TrainingTask:
+    """The registered training task called `name`; a clear error lists the known ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    return TASKS[name]
