@@ -1,0 +1,97 @@
+"""params.yaml -> one resolved configuration per study.
+
+Resolution order (later wins):
+1. the shared top-level sections (`prepare`, `split`, `train`, `evaluate`, ...),
+2. the study's own overrides (`studies.<name>.<section>`),
+with the active profile (`profile: <name>`, overlay `profiles.<name>`) deep-merged over the whole
+file first. A user switches to the paper's settings with `dvc exp run -S profile=paper`
+(or by editing that one line); DVC tracks `profile` and `profiles`, so the right stages re-run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_FILE = REPO_ROOT / "params.yaml"
+STUDY_SECTIONS = ("dataset", "prepare", "split", "model", "train", "evaluate")
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """Recursively merge `overlay` into a copy of `base`; lists and scalars are replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict:
+    """The whole params file with its active profile applied."""
+    params = yaml.safe_load(path.read_text())
+    profile = params.get("profile", "default")
+    profiles = params.get("profiles", {})
+    if profile != "default":
+        if profile not in profiles:
+            raise KeyError(f"{path}: profile {profile!r} is not defined under 'profiles' (known: {sorted(profiles)})")
+        params = deep_merge(params, profiles[profile])
+    return params
+
+
+def study_config(study: str, params: dict | None = None) -> dict:
+    """Everything one study's stages need, with shared sections and study overrides merged."""
+    params = load_params() if params is None else params
+    studies = params.get("studies", {})
+    if study not in studies:
+        raise KeyError(f"study {study!r} is not defined in params.yaml (known: {sorted(studies)})")
+    own = studies[study]
+    config = {key: value for key, value in params.items() if key not in ("studies", "profiles")}
+    for section in STUDY_SECTIONS:
+        config[section] = deep_merge(params.get(section, {}), own.get(section, {}))
+    config["study"] = study
+    config["task"] = own["task"]
+    return config
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Paths in params.yaml are relative to the repository root unless absolute."""
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def config_hash(config: Any) -> str:
+    """A short stable digest, used to tell one training configuration's runs from another's."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def git_commit() -> str:
+    """The commit the code ran at (with '-dirty' when the tree has changes), or 'unknown' outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (temp file + rename) so a crash never leaves a half-written output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)

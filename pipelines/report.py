@@ -1,0 +1,115 @@
+"""DVC stage `report`: paper-style tables and plots for every evaluated study.
+
+For a segmentation study: a markdown table in the shape of the paper's Table 1 (Dice and HD95
+per region, mean ± std over seeds, one row per ablation variant), the same for NSD, and a PNG bar
+chart with error bars. Tables are also attached to the study's MLflow parent run.
+
+    python -m pipelines.report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipelines.config import load_params, resolve_path, study_config  # noqa: E402
+from pipelines.tracking import StudyRuns  # noqa: E402
+from pipelines.train import METRICS_ROOT, MODELS_ROOT  # noqa: E402
+
+REPORTS_ROOT = "reports"
+VARIANT_LABELS = {"baseline": "Baseline", "mic": "+MIC", "miccss": "+MICCSS", "sequence": "+Sequence"}
+
+
+def cell(stats: dict, scale: float = 1.0) -> str:
+    """`mean ± std`, two decimals, as the paper prints them."""
+    return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def segmentation_tables(study: str, summary: dict, regions: list[str]) -> str:
+    """Table 1 shape (Dice %, HD95 mm per region + average), then NSD % per region + average."""
+    names = regions + ["mean"]
+    shown = regions + ["Average"]
+    header = ["Method"] + [f"Dice {r}" for r in shown] + [f"HD95 {r}" for r in shown]
+    rows = [
+        [VARIANT_LABELS.get(v, v)]
+        + [cell(summary[v][f"test_dice_{r}"], 100) for r in names]
+        + [cell(summary[v][f"test_hd95_{r}"]) for r in names]
+        for v in summary
+    ]
+    nsd_rows = [[VARIANT_LABELS.get(v, v)] + [cell(summary[v][f"test_nsd_{r}"], 100) for r in names] for v in summary]
+    return (
+        f"## {study}: Dice (%) and HD95 (mm), mean ± std over seeds\n\n"
+        + markdown_table(header, rows)
+        + f"\n## {study}: NSD (%), mean ± std over seeds\n\n"
+        + markdown_table(["Method"] + [f"NSD {r}" for r in shown], nsd_rows)
+    )
+
+
+def dice_chart(study: str, summary: dict, regions: list[str], path: Path) -> None:
+    """Grouped bars: Dice per region and variant, error bars = std over seeds."""
+    names = regions + ["mean"]
+    width = 0.8 / len(summary)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    for i, variant in enumerate(summary):
+        means = [summary[variant][f"test_dice_{r}"]["mean"] * 100 for r in names]
+        stds = [summary[variant][f"test_dice_{r}"]["std"] * 100 for r in names]
+        ax.bar(np.arange(len(names)) + i * width, means, width, yerr=stds, capsize=3,
+               label=VARIANT_LABELS.get(variant, variant))
+    ax.set_xticks(np.arange(len(names)) + width * (len(summary) - 1) / 2, regions + ["Average"])
+    ax.set_ylabel("Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{study}: test Dice, mean ± std over seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_study(study: str, out_dir: Path) -> Path | None:
+    """Write one study's tables and chart; None when the study has not been evaluated."""
+    summary_file = resolve_path(METRICS_ROOT) / study / "test_summary.json"
+    if not summary_file.is_file():
+        return None
+    config = study_config(study)
+    summary = json.loads(summary_file.read_text())
+    regions = list(config["evaluate"]["regions"])
+    table = out_dir / f"{study}_table.md"
+    table.write_text(segmentation_tables(study, summary, regions))
+    dice_chart(study, summary, regions, out_dir / f"{study}_dice.png")
+    trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
+    runs = StudyRuns(config, trials["config_hash"])
+    runs.client.log_artifact(trials["parent_run_id"], str(table), artifact_path="report")
+    runs.client.log_artifact(trials["parent_run_id"], str(out_dir / f"{study}_dice.png"), artifact_path="report")
+    return table
+
+
+def report() -> list[Path]:
+    """Reports for every study in params.yaml that has test results."""
+    out_dir = resolve_path(REPORTS_ROOT)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = [t for study in load_params()["studies"] if (t := report_study(study, out_dir))]
+    for table in tables:
+        print(table.read_text())
+    return tables
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    report()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""DVC stage `synthesize@<name>`: write a synthetic raw dataset in a real layout (real files on disk).
+
+The default profile trains on these so `dvc repro` runs anywhere; the readers that load them are
+the same readers that load the real datasets.
+
+    python -m pipelines.synthesize brats2023
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+from nnmamba.data.layouts import get_layout
+from pipelines.config import load_params, resolve_path
+
+SYNTHETIC_ROOT = "data/raw/synthetic"
+
+
+def synthesize(name: str) -> list[str]:
+    """Regenerate `data/raw/synthetic/<name>` from `synthetic.<name>` in params.yaml."""
+    spec = dict(load_params()["synthetic"][name])
+    layout = get_layout(spec.pop("layout"))
+    out = resolve_path(SYNTHETIC_ROOT) / name
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if "shape" in spec:
+        spec["shape"] = tuple(spec["shape"])
+    if "spacing" in spec:
+        spec["spacing"] = tuple(spec["spacing"])
+    cases = layout.write_synthetic(tmp, **spec)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"synthesize: wrote {len(cases)} {layout.name} cases to {out}")
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="key under `synthetic` in params.yaml")
+    synthesize(parser.parse_args().name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""DVC stage `train@<study>`: the ablation study, variants x seeds, as a Ray Tune grid.
+
+Each Tune trial launches its own Ray Train TorchTrainer (workers and GPUs from params.yaml).
+Metrics flow worker -> Tune -> this driver, which alone writes MLflow (parent run for the
+ablation, one child run per trial). Afterwards the best checkpoint of every trial (by validation
+score) is exported to `models/<study>/<variant>-seed<seed>/` and logged as an MLflow model.
+
+Local Ray by default; `RAY_ADDRESS` (or `ray.address` in params.yaml) selects a cluster.
+
+    python -m pipelines.train brats2023
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import ray
+import ray.train
+import ray.tune
+import torch
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from nnmamba.checkpoint import load_bundle, save_bundle
+from nnmamba.data.layouts import get_layout
+from nnmamba.tasks import get_task
+from pipelines.cluster import connect_ray
+from pipelines.config import config_hash, git_commit, resolve_path, study_config, write_json
+from pipelines.prepare import PREPROCESSED_ROOT
+from pipelines.split import SPLITS_ROOT
+from pipelines.tracking import StudyRuns, experiment_name, flatten
+from pipelines.train_worker import STATE_FILE, train_loop
+
+MODELS_ROOT = "models"
+METRICS_ROOT = "metrics"
+
+
+def trial_plan(config: dict) -> dict:
+    """Everything a trial needs that does not depend on (variant, seed): paths, split, architecture."""
+    study = config["study"]
+    dataset_dir = resolve_path(PREPROCESSED_ROOT) / study
+    index = json.loads((dataset_dir / "dataset.json").read_text())
+    split = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())
+    layout = get_layout(config["dataset"]["layout"])
+    return {
+        "config": config,
+        "dataset_dir": str(dataset_dir),
+        "train_cases": split["train"],
+        "val_cases": split["val"],
+        "arch": {
+            "task": config["task"],
+            "in_channels": len(layout.channels),
+            "out_channels": len(layout.labels),
+            "kwargs": config["model"],
+        },
+    }
+
+
+def run_trial(trial: dict) -> None:
+    """A Tune function trainable: one Ray Train run for one (variant, seed); resumes by run name."""
+    config = trial["config"]
+    ray_cfg, task = config["ray"], get_task(config["task"])
+    metric = task.selection_metric
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=trial,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ray_cfg["num_workers"],
+            use_gpu=ray_cfg["use_gpu"],
+            resources_per_worker=ray_cfg["resources_per_worker"],
+            placement_strategy=ray_cfg["placement_strategy"],
+        ),
+        run_config=ray.train.RunConfig(
+            name=trial["run_name"],
+            storage_path=trial["storage_path"],
+            failure_config=ray.train.FailureConfig(max_failures=ray_cfg["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=task.selection_mode
+            ),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    better = max if task.selection_mode == "max" else min
+    best_checkpoint, best_metrics = better(result.best_checkpoints, key=lambda pair: pair[1][metric])
+    ray.tune.report({"best_checkpoint_path": best_checkpoint.path, f"best_{metric}": best_metrics[metric],
+                     "best_epoch": best_metrics["epoch"]})
+
+
+class MLflowTrialCallback(ray.tune.Callback):
+    """Mirror each Tune trial into its MLflow child run, from the driver only.
+
+    Ray's MLflowLoggerCallback creates a new run per trial start and takes one tag set for all
+    trials; we need per-trial tags (variant, seed) and a run that is continued, not duplicated,
+    when a trial or the whole stage restarts, hence this small callback.
+    """
+
+    LOGGED = ("epoch", "train_loss", "epoch_time_s")
+
+    def __init__(self, runs: StudyRuns, parent_id: str, params: dict[str, str]):
+        self.runs, self.parent_id, self.params = runs, parent_id, params
+        self.run_ids: dict[str, str] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_ids[trial.trial_id] = self.runs.child(
+            self.parent_id, trial.config["variant"], trial.config["seed"], self.params
+        )
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {k: v for k, v in result.items()
+                   if (k in self.LOGGED or k.startswith(("val_", "best_val_"))) and isinstance(v, (int, float))}
+        if "epoch" in metrics:
+            self.runs.log_metrics(self.run_ids[trial.trial_id], metrics, step=int(metrics["epoch"]))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.runs.client.set_terminated(self.run_ids[trial.trial_id], "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.runs.client.set_terminated(self.run_ids[trial.trial_id], "FAILED")
+
+
+def export_trial(result, plan: dict, out_dir: Path, run_id: str, register_as: str | None) -> dict:
+    """Copy the trial's best weights to `out_dir`, log them as an MLflow PyTorch model, return a summary row."""
+    checkpoint = ray.train.Checkpoint(result.metrics["best_checkpoint_path"])
+    variant, seed = result.config["variant"], result.config["seed"]
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    save_bundle(out_dir, {**plan["arch"], "variant": variant}, state["model"])
+    model, arch = load_bundle(out_dir)
+    patch = plan["config"]["train"]["patch_size"]
+    example = torch.zeros(1, arch["in_channels"], *patch).numpy()
+    with mlflow.start_run(run_id=run_id, nested=True):
+        mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
+                                 serialization_format="pickle")
+    metric = get_task(plan["config"]["task"]).selection_metric
+    return {"variant": variant, "seed": seed, "run_id": run_id, "model_dir": str(out_dir),
+            f"best_{metric}": result.metrics[f"best_{metric}"], "best_epoch": result.metrics["best_epoch"]}
+
+
+def train(study: str) -> list[dict]:
+    """Run the study's ablation grid and export its models; returns one summary row per trial."""
+    config = study_config(study)
+    train_cfg, metric = config["train"], get_task(config["task"]).selection_metric
+    identity = {k: config[k] for k in ("dataset", "prepare", "split", "model")}
+    identity["train"] = {k: v for k, v in train_cfg.items() if k not in ("variants", "seeds")}
+    digest = config_hash(identity)
+    runs = StudyRuns(config, digest)
+    params = {**flatten({"train": train_cfg, "model": config["model"]}), "git_commit": git_commit()}
+    parent_id = runs.parent(params)
+    connect_ray(config)
+
+    plan = trial_plan(config)
+    storage = config["ray"]["storage_path"]
+    storage = storage if "://" in storage else str(resolve_path(storage))
+    param_space = {
+        **plan,
+        "variant": ray.tune.grid_search(train_cfg["variants"]),
+        "seed": ray.tune.grid_search(train_cfg["seeds"]),
+        "storage_path": storage,
+        "digest": digest,
+    }
+    trainable = ray.tune.with_resources(_trial_entry, {"cpu": 0, "memory": 1e6})
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=config["ray"]["max_concurrent_trials"]),
+        run_config=ray.tune.RunConfig(
+            name=f"{study}-{digest}-tune",
+            storage_path=storage,
+            callbacks=[MLflowTrialCallback(runs, parent_id, params)],
+            verbose=1,
+        ),
+    )
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(results)} trials failed; first error: {errors[0]}")
+
+    models_dir = resolve_path(MODELS_ROOT) / study
+    shutil.rmtree(models_dir, ignore_errors=True)
+    children = runs.children(parent_id)
+    register = config["mlflow"]["register_models"]
+    rows = []
+    for result in sorted(results, key=lambda r: (r.config["variant"], r.config["seed"])):
+        variant, seed = result.config["variant"], result.config["seed"]
+        # Registered names are `<experiment>-<variant>`, e.g. nnmamba-seg-brats2023-miccss.
+        name = f"{experiment_name(config)}-{variant}" if register else None
+        rows.append(export_trial(result, plan, models_dir / f"{variant}-seed{seed}",
+                                 children[(variant, seed)], name))
+    write_json(models_dir / "trials.json", {"parent_run_id": parent_id, "config_hash": digest, "trials": rows})
+    write_curves(runs, rows, metric, resolve_path(METRICS_ROOT) / study / "train_curves.csv")
+    return rows
+
+
+def write_curves(runs: StudyRuns, rows: list[dict], metric: str, path: Path) -> None:
+    """Per-epoch training curves of every trial, read back from MLflow so restarts keep their history."""
+    frames = []
+    for row in rows:
+        history = {
+            key: {m.step: m.value for m in runs.client.get_metric_history(row["run_id"], key)}
+            for key in ("train_loss", metric)
+        }
+        frame = pd.DataFrame(history).rename_axis("epoch").reset_index()
+        frame.insert(0, "trial", f"{row['variant']}-seed{row['seed']}")
+        frames.append(frame)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames).to_csv(path, index=False)
+
+
+def _trial_entry(trial: dict) -> None:
+    """Name the trial's Ray Train run by study, variant, seed and config digest, so a re-run resumes it."""
+    variant, seed = trial["variant"], trial["seed"]
+    run_name = f"{trial['config']['study']}-{variant}-seed{seed}-{trial['digest']}"
+    run_trial({**trial, "run_name": run_name, "arch": {**trial["arch"], "variant": variant}})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", help="key under `studies` in params.yaml")
+    train(parser.parse_args().study)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The per-worker training loop that Ray Train runs (DDP: gloo on CPU, NCCL on GPU).
+
+Every epoch: fixed-step training on the task's batches, validation sharded over the workers,
+then one `ray.train.report` with a checkpoint from rank 0. On restart (worker failure, or the
+stage re-run with the same configuration) the loop resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nnmamba.checkpoint import model_from_arch
+from nnmamba.engine import amp_dtype, build_optimizer, repeat_batches, train_epoch
+from nnmamba.tasks import TrainingTask, get_task
+
+STATE_FILE = "state.pt"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _mean_over_workers(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    if _distributed():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor.item()
+
+
+def _gather(records: list[dict]) -> list[dict]:
+    """Every worker's validation records, on every worker."""
+    if not _distributed():
+        return records
+    gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, records)
+    return [record for part in gathered for record in part]
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict | None:
+    """The latest Ray Train checkpoint's state (model and optimizer loaded), or None on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _validate(task: TrainingTask, model: nn.Module, trial: dict, device: torch.device, dtype) -> dict[str, float]:
+    context = ray.train.get_context()
+    mine = trial["val_cases"][context.get_world_rank()::context.get_world_size()]
+    records = task.validate(model, Path(trial["dataset_dir"]), mine, trial["config"], device, dtype)
+    return task.summarise(_gather(records))
+
+
+def train_loop(trial: dict) -> None:
+    """Ray Train's `train_loop_per_worker`: `trial` holds the resolved study config plus paths and the arch."""
+    config, train = trial["config"], trial["config"]["train"]
+    task = get_task(config["task"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(trial["seed"])
+    device = ray.train.torch.get_device()
+    dtype = amp_dtype(train["amp"])
+
+    model = model_from_arch(trial["arch"])
+    if train["channels_last"]:
+        model = model.to(memory_format=torch.channels_last_3d)
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    optimizer = build_optimizer(bare, **train["optimizer"])
+    state = _restore(bare, optimizer, device)
+    start_epoch = state["epoch"] if state else 0
+    val_metrics = state["val_metrics"] if state else {}
+    best = state["best"] if state else None
+
+    dataset_dir = Path(trial["dataset_dir"])
+    index = json.loads((dataset_dir / "dataset.json").read_text())
+    loader = task.train_loader(dataset_dir, index, trial["train_cases"], train,
+                               seed=trial["seed"] * 1_000 + start_epoch, rank=rank, world_size=world)
+    batches = repeat_batches(loader)
+    loss_fn = task.loss()
+    better = max if task.selection_mode == "max" else min
+    for epoch in range(start_epoch, train["epochs"]):
+        started = time.perf_counter()
+        loss = train_epoch(model, batches, loss_fn, optimizer, train["steps_per_epoch"], device, dtype,
+                           train["channels_last"])
+        if not val_metrics or (epoch + 1) % train["val_every"] == 0 or epoch + 1 == train["epochs"]:
+            val_metrics = _validate(task, model, trial, device, dtype)
+        score = val_metrics[task.selection_metric]
+        best = score if best is None else better(best, score)
+        metrics = {"epoch": epoch + 1, "train_loss": _mean_over_workers(loss, device), **val_metrics,
+                   f"best_{task.selection_metric}": best, "epoch_time_s": time.perf_counter() - started}
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                            "val_metrics": val_metrics, "best": best}, Path(directory) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint)
