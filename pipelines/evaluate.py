@@ -56,7 +56,7 @@ def predict_and_score(model_dir: str, dataset_dir: str, case_ids: list[str], con
         prediction = segment_preprocessed(model, subject["image"].data, entry["properties"], reference, patch,
                                           overlap=evaluate["overlap"], mirror_axes=evaluate["mirror_axes"],
                                           device=device)
-        row = {"case_id": case_id, "raw_image": next(iter(entry["raw_images"].values()))}
+        row = {"case_id": case_id}
         if entry["raw_label"] is not None:
             truth = tio.LabelMap(entry["raw_label"])
             metrics = segmentation_metrics(prediction.numpy()[0], truth.numpy()[0], truth.spacing,
@@ -100,6 +100,9 @@ def evaluate(study: str) -> dict:
     trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
     test_cases = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())["test"]
     dataset_dir = str(resolve_path(PREPROCESSED_ROOT) / study)
+    index = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    # Predictions are written in each raw image's own format (.nii.gz, .nrrd, .mha, ...).
+    endings = {c: file_ending(Path(next(iter(index["cases"][c]["raw_images"].values())))) for c in test_cases}
     connect_ray(config)
     task = ray.remote(**_task_resources(config["evaluate"]["resources"]))(predict_and_score)
     pending = {task.remote(t["model_dir"], dataset_dir, test_cases, config): t for t in trials["trials"]}
@@ -112,8 +115,7 @@ def evaluate(study: str) -> dict:
         for row, prediction in ray.get(ref):
             name = f"{trial['variant']}-seed{trial['seed']}"
             (out_root / name).mkdir(parents=True, exist_ok=True)
-            raw_image = Path(row.pop("raw_image"))
-            prediction.save(out_root / name / f"{row['case_id']}{file_ending(raw_image)}")
+            prediction.save(out_root / name / f"{row['case_id']}{endings[row['case_id']]}")
             rows.append({"variant": trial["variant"], "seed": trial["seed"], **row})
     per_case = pd.DataFrame(rows).sort_values(["variant", "seed", "case_id"])
     metrics_dir = resolve_path(METRICS_ROOT) / study

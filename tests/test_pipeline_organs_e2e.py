@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import yaml
 from mlflow.tracking import MlflowClient
 
 from nnmamba.data.abdomen_phantom import AMOS_LABELS
@@ -50,10 +49,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory, ray_cluster):
-    root = write_project(tmp_path_factory.mktemp("organs"), TINY)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    del params["studies"]["brats2023"], params["synthetic"]["brats2023"]  # this test is about organ datasets
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = write_project(tmp_path_factory.mktemp("organs"), TINY, studies=["amos_ct", "amos_mr", "abdomen_mha"])
     env = ray_cluster["env"]
     run_in(root, "dvc", "repro", env=env)
     return root, env
