@@ -75,7 +75,8 @@ def test_synthetic_ct_and_mr_look_like_amos(amos_root: Path) -> None:
         assert np.median(image[labels == 6]) < np.median(image[(labels == 0) & (image > 600)])  # fat brighter
         present |= set(np.unique(labels).tolist())
     assert present == set(AMOS_LABELS)
-    orientations = {"".join(nib.aff2axcodes(nib.load(c.label).affine)) for c in read_amos_dataset(amos_root, "CT").cases}
+    ct_cases = read_amos_dataset(amos_root, "CT").cases
+    orientations = {"".join(nib.aff2axcodes(nib.load(c.label).affine)) for c in ct_cases}
     assert orientations == {"RAS", "LPS"}
     listing = json.loads((amos_root / "dataset.json").read_text())
     assert len(listing["training"]) == 5 and len(listing["test"]) == 2 and "label" not in listing["test"][0]

@@ -46,7 +46,8 @@ def test_reads_v2_dataset_with_channels_in_order(nrrd_root: Path) -> None:
         ("case_000", "train", True), ("case_001", "train", True), ("case_002", "train", True),
         ("case_003", "test", False)]
     case = dataset.cases[1]
-    assert case.images == {"CT": nrrd_root / "imagesTr/case_001_0000.nrrd", "MR": nrrd_root / "imagesTr/case_001_0001.nrrd"}
+    assert case.images == {"CT": nrrd_root / "imagesTr/case_001_0000.nrrd",
+                           "MR": nrrd_root / "imagesTr/case_001_0001.nrrd"}
     assert case.label == nrrd_root / "labelsTr/case_001.nrrd"
     assert get_layout("nnunet").read(nrrd_root).cases == dataset.cases[:3]
 
@@ -113,7 +114,7 @@ def test_missing_or_broken_dataset_json(tmp_path: Path) -> None:
 def test_missing_channel_file_names_the_case(nrrd_root: Path, tmp_path: Path) -> None:
     root = _copy(nrrd_root, tmp_path)
     (root / "imagesTr/case_001_0001.nrrd").unlink()
-    with pytest.raises(DataError, match=r"case case_001: channel 0001 \(MR\) missing, expected file .*case_001_0001.nrrd"):
+    with pytest.raises(DataError, match=r"case case_001: channel 0001 \(MR\) missing, expected .*case_001_0001.nrrd"):
         read_nnunet_dataset(root)
 
 

@@ -81,7 +81,7 @@ def test_multi_channel_inputs_are_grouped_by_nnunet_names(mha_inputs: Path, tmp_
     folder = Path(shutil.copytree(mha_inputs, tmp_path / "inputs"))
     (folder / "notes.json").write_text("{}")  # not an image: ignored
     (folder / "case_001_0001.mha").unlink()
-    with pytest.raises(DataError, match=r"case case_001: channel 0001 \(MR\) missing, expected file .*case_001_0001.mha"):
+    with pytest.raises(DataError, match=r"case case_001: channel 0001 \(MR\) missing, expected .*case_001_0001.mha"):
         find_input_cases(folder, ["CT", "MR"])
     (folder / "case_000_0000.mha").rename(folder / "case_000.mha")
     with pytest.raises(DataError, match="case_000.mha: a 2-channel model reads files named <case>_0000.mha"):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from nnmamba.data.errors import DataError
+from pipelines.config import REPO_ROOT, load_params, study_config
 from pipelines.split import split_cases
 
 
@@ -38,3 +40,15 @@ def test_bad_requests_are_named() -> None:
         split_cases(AMOS, lambda c: c, {"method": "random", "val": 1, "test": 1, "seed": 0})
     with pytest.raises(ValueError, match="unknown split.method 'kfold'"):
         split_cases(AMOS, lambda c: c, {"method": "kfold", "val": 1, "test": 1, "seed": 0})
+
+
+def test_paper_profile_uses_the_amos_folders_and_the_papers_training(tmp_path) -> None:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["profile"] = "paper"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for study, modality in (("amos_ct", "CT"), ("amos_mr", "MR")):
+        config = study_config(study, load_params(tmp_path / "params.yaml"))
+        assert config["dataset"]["reader"] == {"modality": modality, "subsets": ["imagesTr", "imagesVa", "imagesTs"]}
+        assert config["split"]["method"] == "folders"
+        assert config["train"]["epochs"] == 1000 and config["train"]["patch_size"] == "auto"
+        assert config["train"]["optimizer"] == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}

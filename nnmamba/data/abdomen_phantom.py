@@ -131,7 +131,8 @@ def mr_intensities(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     grid = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in tissue.shape], indexing="ij")
     bias = np.exp(MR_BIAS * sum(c * g for c, g in zip(rng.uniform(-1, 1, 3), grid)))
     signal = table[tissue] * (1.0 + MR_TEXTURE * _smooth_field(tissue.shape, rng, 1.5)) * bias
-    noisy = np.hypot(signal + MR_NOISE * rng.standard_normal(tissue.shape), MR_NOISE * rng.standard_normal(tissue.shape))
+    real = signal + MR_NOISE * rng.standard_normal(tissue.shape)
+    noisy = np.hypot(real, MR_NOISE * rng.standard_normal(tissue.shape))
     return noisy.astype(np.float32)
 
 

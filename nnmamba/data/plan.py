@@ -162,7 +162,9 @@ def _target_spacing(spacings: np.ndarray, cropped: np.ndarray, settings: PlanSet
     if settings.target_spacing != "auto":
         target = np.asarray(settings.target_spacing, dtype=float)
         if target.shape != (3,) or not (target > 0).all():
-            raise ValueError(f"plan.target_spacing must be 'auto' or three positive mm values, got {settings.target_spacing}")
+            raise ValueError(
+                f"plan.target_spacing must be 'auto' or three positive mm values, got {settings.target_spacing}"
+            )
         return target
     target = np.median(spacings, axis=0)
     shape = np.median(cropped * spacings / target, axis=0)
