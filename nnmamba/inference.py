@@ -20,9 +20,12 @@ from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+
+from nnmamba.heatmaps import decode_heatmaps
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -89,6 +92,19 @@ def predict_labels(
 ) -> torch.Tensor:
     """Label map int64 [B, D, H, W]: argmax over channels of ``sliding_window_predict`` (same keywords)."""
     return sliding_window_predict(model, image, patch_size, **kwargs).argmax(dim=1)
+
+
+def predict_landmarks(
+    model: nn.Module, image: torch.Tensor, affine: np.ndarray, patch_size: Sequence[int], **kwargs: Any
+) -> np.ndarray:
+    """World coordinates (mm) [K, 3] of each landmark in one [C, D, H, W] image with voxel -> world ``affine``.
+
+    The heatmaps are blended as the network outputs them (no activation) and decoded by
+    ``decode_heatmaps``; keywords are ``sliding_window_predict``'s. Leave out of ``mirror_axes`` any axis
+    whose mirror swaps landmarks: mirrored left/right, the channel of a left landmark fires on the right.
+    """
+    heatmaps = sliding_window_predict(model, image, patch_size, activation=None, **kwargs)
+    return decode_heatmaps(heatmaps[0], affine)
 
 
 def _predict_window(

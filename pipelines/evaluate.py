@@ -1,10 +1,11 @@
 """DVC stage `evaluate@<study>`: every trained model on the test split, metrics in the raw geometry.
 
 One Ray task per trial (CPU or GPU, from `evaluate.resources`) runs sliding-window inference on
-each test case, maps the prediction back onto the raw image grid and scores it against the raw
-label file with the voxel spacing. This driver writes the prediction files, the per-case CSV,
-the summary JSON (DVC metrics) and MLflow: test metrics in each child run, mean/std over seeds in
-the parent run.
+each test case and scores it against the raw annotation: a segmentation is mapped back onto the
+raw image grid and compared with the raw label file with the voxel spacing; landmark heatmaps are
+decoded to world points (mm) and compared with the raw points file. This driver writes the
+prediction files, the per-case CSV, the summary JSON (DVC metrics) and MLflow: test metrics in
+each child run, mean/std over seeds in the parent run.
 
     python -m pipelines.evaluate brats2023
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import ray
@@ -23,9 +27,10 @@ import torchio as tio
 from tqdm import tqdm
 
 from nnmamba.checkpoint import load_bundle
+from nnmamba.data.landmarks import read_landmarks, write_landmarks
 from nnmamba.data.preprocess import load_preprocessed, to_raw_geometry
-from nnmamba.inference import predict_labels
-from nnmamba.metrics import segmentation_metrics
+from nnmamba.inference import predict_labels, predict_landmarks
+from nnmamba.metrics import landmark_metrics, segmentation_metrics
 from pipelines.cluster import connect_ray
 from pipelines.config import resolve_path, study_config, write_json
 from pipelines.prepare import PREPROCESSED_ROOT
@@ -54,6 +59,53 @@ def predict_and_score(model_dir: str, dataset_dir: str, case_ids: list[str], con
                                        evaluate["regions"], evaluate["nsd_tolerance_mm"])
         scored.append(({"case_id": case_id, **{f"test_{k}": v for k, v in metrics.items()}}, prediction))
     return scored
+
+
+def predict_landmarks_and_score(model_dir: str, dataset_dir: str, case_ids: list[str],
+                                config: dict) -> list[tuple[dict, dict[str, list[float]]]]:
+    """Score one trained landmark model: (radial errors in mm per landmark, predicted RAS world points) per case.
+
+    Predictions and truth are both world coordinates, so no resampling back is needed; the truth is
+    read from the raw points file, not from the prepared copy.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_bundle(Path(model_dir), device)
+    evaluate, patch = config["evaluate"], config["train"]["patch_size"]
+    index = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    names = index["landmarks"]
+    scored = []
+    for case_id in case_ids:
+        image = load_preprocessed(Path(dataset_dir), case_id)["image"]
+        predicted = predict_landmarks(model, image.data, image.affine, patch, overlap=evaluate["overlap"],
+                                      mirror_axes=evaluate["mirror_axes"], device=device)
+        truth = read_landmarks(Path(index["cases"][case_id]["raw_points"]), names, case_id)
+        metrics = landmark_metrics(predicted, [truth[name] for name in names], names)
+        points = {name: [float(v) for v in point] for name, point in zip(names, predicted)}
+        scored.append(({"case_id": case_id, **{f"test_{k}": v for k, v in metrics.items()}}, points))
+    return scored
+
+
+def save_label_map(prediction: tio.LabelMap, directory: Path, case_id: str) -> None:
+    prediction.save(directory / f"{case_id}.nii.gz")
+
+
+def save_points(points: dict[str, list[float]], directory: Path, case_id: str) -> None:
+    """Predicted points as a landmarks-layout JSON (RAS), readable by the same reader as the annotations."""
+    write_landmarks(directory / f"{case_id}.json", points)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """A task's test-time scoring (run as a Ray task per trained model) and how it writes one case's prediction."""
+
+    score: Callable[[str, str, list[str], dict], list[tuple[dict, Any]]]
+    save: Callable[[Any, Path, str], None]
+
+
+EVALUATORS = {
+    "segmentation": Evaluator(predict_and_score, save_label_map),
+    "landmark": Evaluator(predict_landmarks_and_score, save_points),
+}
 
 
 def summarise(per_case: pd.DataFrame) -> dict:
@@ -87,7 +139,8 @@ def evaluate(study: str) -> dict:
     test_cases = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())["test"]
     dataset_dir = str(resolve_path(PREPROCESSED_ROOT) / study)
     connect_ray(config)
-    task = ray.remote(**_task_resources(config["evaluate"]["resources"]))(predict_and_score)
+    evaluator = EVALUATORS[config["task"]]
+    task = ray.remote(**_task_resources(config["evaluate"]["resources"]))(evaluator.score)
     pending = {task.remote(t["model_dir"], dataset_dir, test_cases, config): t for t in trials["trials"]}
 
     out_root = resolve_path(PREDICTIONS_ROOT) / study
@@ -98,7 +151,7 @@ def evaluate(study: str) -> dict:
         for row, prediction in ray.get(ref):
             name = f"{trial['variant']}-seed{trial['seed']}"
             (out_root / name).mkdir(parents=True, exist_ok=True)
-            prediction.save(out_root / name / f"{row['case_id']}.nii.gz")
+            evaluator.save(prediction, out_root / name, row["case_id"])
             rows.append({"variant": trial["variant"], "seed": trial["seed"], **row})
     per_case = pd.DataFrame(rows).sort_values(["variant", "seed", "case_id"])
     metrics_dir = resolve_path(METRICS_ROOT) / study

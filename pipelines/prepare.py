@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathlib import Path
+
+from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
-from nnmamba.data.layouts import get_layout
+from nnmamba.data.landmark_preprocess import prepare_landmark_dataset
+from nnmamba.data.layouts import Layout, get_layout
 from nnmamba.data.preprocess import prepare_dataset
 from pipelines.config import resolve_path, study_config
 
@@ -26,9 +30,22 @@ def prepare(study: str) -> dict:
     layout = get_layout(dataset["layout"])
     cases = layout.find_cases(resolve_path(dataset["root"]))
     out_dir = resolve_path(PREPROCESSED_ROOT) / study
-    index = prepare_dataset(cases, out_dir, label_values=layout.labels, crop_margin=config["prepare"]["crop_margin"])
+    index = PREPARERS[config["task"]](config, layout, cases, out_dir)
     print(f"prepare: {len(cases)} cases of {study} -> {out_dir}")
     return index
+
+
+def prepare_segmentation(config: dict, layout: Layout, cases: list[CaseFiles], out_dir: Path) -> dict:
+    return prepare_dataset(cases, out_dir, label_values=layout.labels, crop_margin=config["prepare"]["crop_margin"])
+
+
+def prepare_landmarks(config: dict, layout: Layout, cases: list[CaseFiles], out_dir: Path) -> dict:
+    """The layout's labels are the landmark names, in the network's output-channel order."""
+    return prepare_landmark_dataset(cases, out_dir, names=list(layout.labels.values()),
+                                    spacing=config["prepare"]["spacing"], crop_margin=config["prepare"]["crop_margin"])
+
+
+PREPARERS = {"segmentation": prepare_segmentation, "landmark": prepare_landmarks}
 
 
 def main() -> None:

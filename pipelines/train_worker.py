@@ -91,7 +91,7 @@ def train_loop(trial: dict) -> None:
     loader = task.train_loader(dataset_dir, index, trial["train_cases"], train,
                                seed=trial["seed"] * 1_000 + start_epoch, rank=rank, world_size=world)
     batches = repeat_batches(loader)
-    loss_fn = task.loss()
+    loss_fn = task.loss(train)
     better = max if task.selection_mode == "max" else min
     for epoch in range(start_epoch, train["epochs"]):
         started = time.perf_counter()

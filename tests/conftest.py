@@ -40,8 +40,12 @@ def ray_cluster(tmp_path_factory) -> dict:
     subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
 
 
-def write_project(root: Path, overrides: dict) -> Path:
-    """Copy the project's code and pipeline into `root` as a fresh git+DVC repo, params overridden."""
+def write_project(root: Path, overrides: dict, studies: list[str] | None = None) -> Path:
+    """Copy the project's code and pipeline into `root` as a fresh git+DVC repo, params overridden.
+
+    `studies` keeps only those studies (and the synthetic datasets they read), so an end-to-end test
+    runs its own task's pipeline, not every study in params.yaml.
+    """
     from pipelines.config import deep_merge
 
     for name in PROJECT_FILES:
@@ -51,6 +55,10 @@ def write_project(root: Path, overrides: dict) -> Path:
         else:
             shutil.copy(source, root / name)
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+    if studies is not None:
+        params["studies"] = {name: params["studies"][name] for name in studies}
+        used = {study["dataset"].get("synthetic") for study in params["studies"].values()}
+        params["synthetic"] = {name: spec for name, spec in params["synthetic"].items() if name in used}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"],
                     [BIN / "dvc", "config", "core.analytics", "false"]):
@@ -62,8 +70,13 @@ def write_project(root: Path, overrides: dict) -> Path:
 
 
 def run_in(root: Path, *command, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run a project command (dvc, python -m pipelines...) in `root` with the venv on PATH."""
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    """Run a project command (dvc, python -m pipelines...) in `root` with the venv on PATH.
+
+    MLFLOW_TRACKING_URI is not inherited (unless `env` sets it): `mlflow.set_tracking_uri` in a
+    test exports it, and the project would then log into another test's store.
+    """
+    inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    full_env = {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     result = subprocess.run([str(c) for c in command], cwd=root, env=full_env, capture_output=True, text=True,
                             timeout=timeout)
     if result.returncode != 0:

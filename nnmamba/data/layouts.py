@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nnmamba.data.brats import BRATS_LABELS, BRATS_MODALITIES, find_brats_cases
 from nnmamba.data.cases import CaseFiles
+from nnmamba.data.landmarks import LANDMARK_CHANNELS, LANDMARK_NAMES, find_landmark_cases
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ def _write_synthetic_brats(root: Path, **kwargs) -> list[str]:
     return write_synthetic_brats(root, **kwargs)
 
 
+def _write_synthetic_fetal(root: Path, **kwargs) -> list[str]:
+    from nnmamba.data.synthetic_fetal import write_synthetic_fetal
+
+    return write_synthetic_fetal(root, **kwargs)
+
+
 def _brats_patient(case_id: str) -> str:
     """BraTS-GLI-<patient>-<timepoint>: timepoints of one patient must stay in one split."""
     return case_id.rsplit("-", 1)[0]
@@ -40,6 +47,10 @@ def _brats_patient(case_id: str) -> str:
 LAYOUTS: dict[str, Layout] = {
     "brats2023": Layout(
         "brats2023", find_brats_cases, BRATS_LABELS, BRATS_MODALITIES, _write_synthetic_brats, _brats_patient
+    ),
+    # Labels are the landmark names: output channel k is the heatmap of landmark k.
+    "landmarks": Layout(
+        "landmarks", find_landmark_cases, dict(enumerate(LANDMARK_NAMES)), LANDMARK_CHANNELS, _write_synthetic_fetal
     ),
 }
 
