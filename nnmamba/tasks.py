@@ -16,8 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnmamba.data.preprocess import load_preprocessed
-from nnmamba.data.sampling import make_patch_loader
 from nnmamba.engine import validation_dice
 from nnmamba.losses import build_loss
 
@@ -38,6 +36,10 @@ class TrainingTask:
 def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
                         rank: int, world_size: int) -> Iterable[Mapping[str, torch.Tensor]]:
     """Foreground-oversampled random patches of the training cases (torchio queue)."""
+    # Imported on use, like the reader below: torchio and SimpleITK are needed to read volumes
+    # from disk, not to train from batches in memory (GPU nodes running the speed benchmarks).
+    from nnmamba.data.sampling import make_patch_loader
+
     cases = [index["cases"][c] for c in case_ids]
     return make_patch_loader(
         image_paths=[dataset_dir / c["image"] for c in cases],
@@ -58,6 +60,8 @@ def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], tra
 def segmentation_validate(model: nn.Module, dataset_dir: Path, case_ids: list[str], config: dict,
                           device: torch.device, dtype: torch.dtype | None) -> list[dict[str, Any]]:
     """Whole-volume sliding-window Dice, averaged over the study's regions, per validation case."""
+    from nnmamba.data.preprocess import load_preprocessed
+
     subjects = (load_preprocessed(dataset_dir, case_id) for case_id in case_ids)
     pairs = ((s["image"].data, s["label"].data) for s in subjects)
     train, regions = config["train"], config["evaluate"]["regions"]
