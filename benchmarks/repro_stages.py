@@ -1,11 +1,11 @@
 """Wall time of the default `dvc repro`, per stage and in total, in a fresh copy of the project.
 
-    python benchmarks/repro_stages.py [--out benchmarks/results/repro_stages.json]
+    python benchmarks/repro_stages.py [--out benchmarks/results/cpu_vm/repro_stages.json]
 
 Copies the code and pipeline into a temporary git+DVC repository (nothing cached), runs `dvc repro`
 with a fresh local Ray (`RAY_ADDRESS=local`, what a laptop without a cluster gets) and timestamps
 each "Running stage" line DVC prints: a stage's time runs until the next stage starts. The JSON
-records the machine (CPU model, cores, load average before the run) because shared machines vary.
+records the machine, the code and the load average before and after the run (shared machines vary).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -23,7 +22,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import REPO, code_version, machine
+
 PROJECT_FILES = ("nnmamba", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
 STAGE_LINE = re.compile(r"Running stage '(?P<stage>[^']+)'")
 
@@ -62,24 +62,18 @@ def timed_repro(root: Path) -> tuple[float, dict[str, float]]:
     return total, {stage: round(end - begin, 1) for (stage, begin), end in zip(marks, ends)}
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_before": list(os.getloadavg()),
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/repro_stages.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cpu_vm/repro_stages.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="repro-bench-") as directory:
         root = Path(directory)
         fresh_project(root)
-        info = machine()
+        load_before = list(os.getloadavg())
         total, stages = timed_repro(root)
     result = {"what": "default dvc repro, fresh project, local Ray", "date": datetime.now(timezone.utc).isoformat(),
-              "machine": info, "total_s": round(total, 1), "stages_s": stages}
+              "machine": machine(), "code": code_version(), "load_average_before": load_before,
+              "load_average_after": list(os.getloadavg()), "total_s": round(total, 1), "stages_s": stages}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

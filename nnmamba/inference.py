@@ -20,9 +20,12 @@ from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+
+from nnmamba.heatmaps import decode_heatmaps
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,8 +46,13 @@ def sliding_window_predict(
     amp_dtype: torch.dtype | None = None,
     activation: Activation | None = SOFTMAX_OVER_CHANNELS,
     progress: bool = False,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Activated network output for whole volumes, as float32 [B, K, D, H, W] on the CPU.
+
+    The image moves to the compute device once and the windows are blended there: blending on
+    the CPU would ship every window's output across the bus and add it up on a few CPU cores,
+    which costs more than the network itself on a GPU. Only the result crosses to the CPU.
 
     Args:
         model: maps [N, C, *patch_size] to [N, K, *patch_size]; run in eval mode (restored afterwards).
@@ -59,6 +67,8 @@ def sliding_window_predict(
         activation: applied to the network output before blending, in float32; softmax over channels for
             segmentation, None for outputs to blend as they are (landmark heatmaps).
         progress: show a progress bar over windows.
+        reduce: applied to the blended output on the compute device before it moves to the CPU (an
+            argmax over channels, say); its result is returned instead.
     """
     batch = _as_batch(image)
     flip_dims = _mirror_flip_dims(mirror_axes)
@@ -68,27 +78,44 @@ def sliding_window_predict(
         _predict_window, model=model, activation=activation, flip_dims=flip_dims, amp_dtype=amp_dtype
     )
     with _eval_mode(model), torch.inference_mode():
-        probabilities = sliding_window_inference(
-            batch.float(),
+        blended = sliding_window_inference(
+            batch.to(compute_device, torch.float32),
             roi_size=tuple(patch_size),
             sw_batch_size=sw_batch_size,
             predictor=predictor,
             overlap=overlap,
             mode=mode,
             sw_device=compute_device,
-            device=torch.device("cpu"),
+            device=compute_device,
             progress=progress,
         )
+        result = reduce(blended) if reduce is not None else blended
     # A copy made outside inference mode is an ordinary tensor: callers may update it in place
     # (summing a fold ensemble, say), which PyTorch forbids on inference tensors.
-    return probabilities.clone()
+    return result.to("cpu", copy=True)
 
 
 def predict_labels(
     model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], **kwargs: Any
 ) -> torch.Tensor:
-    """Label map int64 [B, D, H, W]: argmax over channels of ``sliding_window_predict`` (same keywords)."""
-    return sliding_window_predict(model, image, patch_size, **kwargs).argmax(dim=1)
+    """Label map int64 [B, D, H, W]: argmax over channels of ``sliding_window_predict`` (same keywords).
+
+    The argmax runs on the compute device, so only the label map crosses to the CPU.
+    """
+    return sliding_window_predict(model, image, patch_size, reduce=partial(torch.argmax, dim=1), **kwargs)
+
+
+def predict_landmarks(
+    model: nn.Module, image: torch.Tensor, affine: np.ndarray, patch_size: Sequence[int], **kwargs: Any
+) -> np.ndarray:
+    """World coordinates (mm) [K, 3] of each landmark in one [C, D, H, W] image with voxel -> world ``affine``.
+
+    The heatmaps are blended as the network outputs them (no activation) and decoded by
+    ``decode_heatmaps``; keywords are ``sliding_window_predict``'s. Leave out of ``mirror_axes`` any axis
+    whose mirror swaps landmarks: mirrored left/right, the channel of a left landmark fires on the right.
+    """
+    heatmaps = sliding_window_predict(model, image, patch_size, activation=None, **kwargs)
+    return decode_heatmaps(heatmaps[0], affine)
 
 
 def _predict_window(

@@ -1,4 +1,4 @@
-"""Evaluation metrics: segmentation overlap and surface metrics (classification and landmarks join later).
+"""Evaluation metrics: segmentation overlap and surface metrics, landmark radial errors (classification joins later).
 
 Segmentation metrics compare boolean masks (non-zero = foreground) of one case, in physical units:
 distances are in mm, computed from the voxel spacing, so anisotropic volumes (e.g. 0.8 x 0.8 x 6.5 mm)
@@ -203,3 +203,25 @@ def _check_tolerance(tolerance_mm: float) -> None:
 
 def _diagonal_mm(shape: Sequence[int], spacing_mm: Sequence[float]) -> float:
     return math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing_mm)))
+
+
+def radial_errors(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Euclidean distance per landmark between predicted and true points, [..., K, 3] -> [..., K].
+
+    Points are world coordinates in mm, so the errors are in mm whatever the voxel grid.
+    """
+    predicted, truth = np.asarray(predicted, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    if predicted.shape != truth.shape or predicted.shape[-1] != 3:
+        raise ValueError(f"predicted {predicted.shape} and true {truth.shape} points must both be [..., K, 3]")
+    return np.linalg.norm(predicted - truth, axis=-1)
+
+
+def landmark_metrics(predicted: np.ndarray, truth: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """Radial error (mm) of each named landmark of one case, ``mre_mm_<name>``, and their mean ``mre_mm_mean``.
+
+    Averaged over cases, ``mre_mm_<name>`` is that landmark's mean radial error (MRE), as in the paper's Table 4.
+    """
+    errors = radial_errors(predicted, truth)
+    if errors.shape != (len(names),):
+        raise ValueError(f"{errors.shape[0] if errors.ndim else 0} points for {len(names)} landmark names")
+    return {**{f"mre_mm_{name}": float(e) for name, e in zip(names, errors)}, "mre_mm_mean": float(errors.mean())}

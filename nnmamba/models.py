@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnmamba.blocks import DoubleConv, ConvNormAct, MambaInConv, SkipScale, mamba_factory, residual_stage
+from nnmamba.upsampling import upsample_trilinear_2x
 
 DENSE_VARIANTS: dict[str, dict[str, bool]] = {
     "baseline": {"use_ssm": False, "siamese": False},
@@ -71,10 +71,8 @@ class NnMambaSeg(nn.Module):
             skips.append(stage(skips[-1]))
         out = skips.pop()
         for block, scale, skip in zip(self.decoder, reversed(self.skip_scales), reversed(skips)):
-            out = F.interpolate(out, scale_factor=2, mode="trilinear", align_corners=False)
-            out = block(torch.cat([out, scale(skip)], dim=1))
-        out = F.interpolate(out, scale_factor=2, mode="trilinear", align_corners=False)
-        return self.head(out)
+            out = block(torch.cat([upsample_trilinear_2x(out), scale(skip)], dim=1))
+        return self.head(upsample_trilinear_2x(out))
 
 
 ModelBuilder = Callable[..., nn.Module]

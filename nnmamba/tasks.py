@@ -8,29 +8,34 @@ do not average over shards (AUC, say) are still computed on the whole validation
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from nnmamba.data.preprocess import load_preprocessed
+from nnmamba.data.heatmap_sampling import make_heatmap_loader
+from nnmamba.data.preprocess import DATASET_JSON, load_preprocessed
 from nnmamba.data.sampling import make_patch_loader
 from nnmamba.engine import validation_dice
+from nnmamba.inference import predict_landmarks
 from nnmamba.losses import build_loss
+from nnmamba.metrics import radial_errors
 
 
 @dataclass(frozen=True)
 class TrainingTask:
-    """The task-specific pieces of training; `selection_mode` is "max" or "min"."""
+    """The task-specific pieces of training; `selection_mode` is "max" or "min"; `loss` takes the `train` section."""
 
     name: str
     selection_metric: str
     selection_mode: str
     train_loader: Callable[..., Iterable[Mapping[str, torch.Tensor]]]
-    loss: Callable[[], nn.Module]
+    loss: Callable[[dict], nn.Module]
     validate: Callable[..., list[dict[str, Any]]]
     summarise: Callable[[list[dict[str, Any]]], dict[str, float]]
 
@@ -69,15 +74,67 @@ def segmentation_summarise(records: list[dict[str, Any]]) -> dict[str, float]:
     return {"val_dice_mean": sum(r["dice"] for r in records) / max(len(records), 1)}
 
 
+def landmark_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
+                    rank: int, world_size: int) -> Iterable[Mapping[str, torch.Tensor]]:
+    """Random patches with Gaussian heatmap targets, drawn around each landmark or anywhere (torchio queue)."""
+    cases = [index["cases"][c] for c in case_ids]
+    return make_heatmap_loader(
+        image_paths=[dataset_dir / c["image"] for c in cases],
+        landmarks_mm=[[c["landmarks_mm"][name] for name in index["landmarks"]] for c in cases],
+        sigma_mm=train["heatmap"]["sigma_mm"],
+        patch_size=tuple(train["patch_size"]),
+        batch_size=train["batch_size"],
+        samples_per_volume=train["samples_per_volume"],
+        queue_length=train["queue_length"],
+        label_probabilities={int(k): v for k, v in train["label_probabilities"].items()},
+        augmentation=train["augmentation"],
+        num_workers=train["data_workers"],
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def landmark_validate(model: nn.Module, dataset_dir: Path, case_ids: list[str], config: dict,
+                      device: torch.device, dtype: torch.dtype | None) -> list[dict[str, Any]]:
+    """Whole-volume sliding-window heatmaps, decoded to world points: radial errors (mm) per validation case."""
+    index = json.loads((Path(dataset_dir) / DATASET_JSON).read_text())
+    train, records = config["train"], []
+    for case_id in case_ids:
+        image = load_preprocessed(dataset_dir, case_id)["image"]
+        predicted = predict_landmarks(model, image.data, image.affine, train["patch_size"],
+                                      overlap=train["val_overlap"], device=device, amp_dtype=dtype)
+        truth = [index["cases"][case_id]["landmarks_mm"][name] for name in index["landmarks"]]
+        records.append({"case_id": case_id, "errors_mm": radial_errors(predicted, truth).tolist()})
+    return records
+
+
+def landmark_summarise(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean radial error over every landmark of every validation case."""
+    errors = [error for record in records for error in record["errors_mm"]]
+    if not errors:
+        raise ValueError("no validation cases to select the landmark model on: set split.val > 0")
+    return {"val_mre_mm": float(np.mean(errors))}
+
+
 TASKS: dict[str, TrainingTask] = {
     "segmentation": TrainingTask(
         name="segmentation",
         selection_metric="val_dice_mean",
         selection_mode="max",
         train_loader=segmentation_loader,
-        loss=lambda: build_loss("segmentation"),
+        loss=lambda train: build_loss("segmentation"),
         validate=segmentation_validate,
         summarise=segmentation_summarise,
+    ),
+    "landmark": TrainingTask(
+        name="landmark",
+        selection_metric="val_mre_mm",
+        selection_mode="min",
+        train_loader=landmark_loader,
+        loss=lambda train: build_loss("landmark", foreground_weight=train["heatmap"]["foreground_weight"]),
+        validate=landmark_validate,
+        summarise=landmark_summarise,
     ),
 }
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from nnmamba.complexity import TrainingMemory, measure_training_memory
 from nnmamba.data.cases import RawDataset
 from nnmamba.data.errors import DataError
 from nnmamba.data.fingerprint import dataset_fingerprint
+from nnmamba.data.landmark_preprocess import prepare_landmark_dataset
 from nnmamba.data.layouts import get_layout
 from nnmamba.data.plan import PlanSettings, Preprocessing, make_plan
 from nnmamba.data.preprocess import prepare_dataset
@@ -29,8 +31,6 @@ from pipelines.config import resolve_path, study_config
 PREPROCESSED_ROOT = "data/preprocessed"
 FINGERPRINT_FILE = "fingerprint.json"
 PLAN_FILE = "plan.json"
-# Tasks whose inputs are planned (spacing, normalisation, patch): dense prediction from label maps.
-PLANNED_TASKS = ("segmentation",)
 
 
 def read_raw(config: dict) -> RawDataset:
@@ -38,6 +38,16 @@ def read_raw(config: dict) -> RawDataset:
     dataset = config["dataset"]
     layout = get_layout(dataset["layout"])
     return layout.read(resolve_path(dataset["root"]), **dataset.get("reader", {}))
+
+
+def prepare(study: str) -> dict:
+    """Preprocess one study's raw dataset into `data/preprocessed/<study>`."""
+    config = study_config(study)
+    raw = read_raw(config)
+    out_dir = resolve_path(PREPROCESSED_ROOT) / study
+    index = PREPARERS[config["task"]](config, raw, out_dir)
+    print(f"prepare: {len(raw.cases)} cases of {study} -> {out_dir}")
+    return index
 
 
 def largest_training_memory(config: dict, in_channels: int, out_channels: int) -> TrainingMemory:
@@ -65,22 +75,23 @@ def plan_study(config: dict, raw: RawDataset) -> tuple[dict, dict]:
     return fingerprint, plan
 
 
-def prepare(study: str) -> dict:
-    """Plan (segmentation) and preprocess one study's raw dataset into `data/preprocessed/<study>`."""
-    config = study_config(study)
-    raw = read_raw(config)
-    out_dir = resolve_path(PREPROCESSED_ROOT) / study
-    preprocessing, metadata = None, {}
-    if config["task"] in PLANNED_TASKS:
-        fingerprint, plan = plan_study(config, raw)
-        preprocessing = Preprocessing.from_plan(plan)
-        metadata = {FINGERPRINT_FILE: fingerprint, PLAN_FILE: plan}
-        print(f"prepare: plan for {study}: spacing {plan['target_spacing']}, patch {plan['patch_size']}, "
-              f"batch {plan['batch_size']}, normalisation {[n['scheme'] for n in plan['normalization']]}")
-    index = prepare_dataset(raw.cases, out_dir, label_values=raw.labels, crop_margin=config["prepare"]["crop_margin"],
-                            preprocessing=preprocessing, metadata=metadata)
-    print(f"prepare: {len(raw.cases)} cases of {study} -> {out_dir}")
-    return index
+def prepare_segmentation(config: dict, raw: RawDataset, out_dir: Path) -> dict:
+    """Plan the study, then preprocess every case with the plan's normalisation and spacing."""
+    fingerprint, plan = plan_study(config, raw)
+    print(f"prepare: plan for {config['study']}: spacing {plan['target_spacing']}, patch {plan['patch_size']}, "
+          f"batch {plan['batch_size']}, normalisation {[n['scheme'] for n in plan['normalization']]}")
+    return prepare_dataset(raw.cases, out_dir, label_values=raw.labels, crop_margin=config["prepare"]["crop_margin"],
+                           preprocessing=Preprocessing.from_plan(plan),
+                           metadata={FINGERPRINT_FILE: fingerprint, PLAN_FILE: plan})
+
+
+def prepare_landmarks(config: dict, raw: RawDataset, out_dir: Path) -> dict:
+    """The layout's labels are the landmark names, in the network's output-channel order."""
+    return prepare_landmark_dataset(raw.cases, out_dir, names=list(raw.labels.values()),
+                                    spacing=config["prepare"]["spacing"], crop_margin=config["prepare"]["crop_margin"])
+
+
+PREPARERS = {"segmentation": prepare_segmentation, "landmark": prepare_landmarks}
 
 
 def main() -> None:

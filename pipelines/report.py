@@ -2,9 +2,11 @@
 
 For a segmentation study: a markdown table in the shape of the paper's Table 1 (Dice and HD95
 per region, or per organ, mean ± std over seeds, one row per ablation variant), the same for NSD,
-a PNG bar chart with error bars and PNG overlays of a few test cases. For organ datasets also the
-paper's Table 2 (parameters, GFLOPs, mDice and mNSD per test set, AMOS CT and MR side by side).
-Tables are also attached to the study's MLflow parent run.
+a PNG bar chart with error bars and PNG overlays of a few test cases (image, ground truth, each
+variant); for organ datasets also the paper's Table 2 (parameters, GFLOPs, mDice and mNSD per test
+set, AMOS CT and MR side by side). For a landmark study: a table in the shape of Table 4 (MRE in mm per
+landmark and averaged, mean ± std over seeds) and a PNG of predicted vs true points on three
+orthogonal slices of a test case. Tables and plots are also attached to the study's MLflow parent run.
 
     python -m pipelines.report
 """
@@ -13,15 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nnmamba.data.landmarks import read_landmarks  # noqa: E402
+from nnmamba.data.layouts import get_layout  # noqa: E402
+from nnmamba.heatmaps import world_to_voxel  # noqa: E402
 from pipelines.config import load_params, resolve_path, study_config  # noqa: E402
+from pipelines.evaluate import PREDICTIONS_ROOT  # noqa: E402
+from pipelines.prepare import PREPROCESSED_ROOT  # noqa: E402
 from pipelines.report_organs import PAPER_PATCH, organ_groups, test_set_label, variant_complexity  # noqa: E402
 from pipelines.report_overlays import overlay_figure  # noqa: E402
 from pipelines.resolve import resolve_study  # noqa: E402
@@ -83,6 +92,25 @@ def dice_chart(study: str, summary: dict, regions: list[str], path: Path) -> Non
     plt.close(fig)
 
 
+def segmentation_report(study: str, config: dict, summary: dict, trials: list[dict], out_dir: Path) -> list[Path]:
+    """Table 1-shaped tables, the Dice chart and the overlays; the table first.
+
+    A study without a labelled test case (AMOS imagesTs) gets a note instead of tables.
+    """
+    regions = list(config["evaluate"]["regions"])
+    table, chart = out_dir / f"{study}_table.md", out_dir / f"{study}_dice.png"
+    files = [table]
+    if summary:
+        table.write_text(segmentation_tables(study, summary, regions))
+        dice_chart(study, summary, regions, chart)
+        files.append(chart)
+    else:
+        table.write_text(f"## {study}\n\nNo labelled test case: the predictions in predictions/{study}/ are for "
+                         "the dataset's own evaluation (AMOS: the challenge site).\n")
+    overlays = overlay_figure(study, load_params()["report"]["overlay_cases"], out_dir / f"{study}_overlays.png")
+    return files + ([overlays] if overlays else [])
+
+
 def organ_table(group: str, studies: list[str]) -> str:
     """The paper's Table 2 for studies of one organ dataset: size, compute, mDice and mNSD per test set."""
     configs = {s: resolve_study(study_config(s)) for s in studies}
@@ -107,30 +135,87 @@ def organ_table(group: str, studies: list[str]) -> str:
             "seeds of the mean over test cases.\n\n" + markdown_table(header, rows))
 
 
+def spaced(name: str) -> str:
+    """The paper's column titles: "TCD1" -> "TCD 1"."""
+    return re.sub(r"(\D)(\d+)$", r"\1 \2", name)
+
+
+def landmark_table(study: str, summary: dict, names: list[str]) -> str:
+    """Table 4 shape: MRE (mm) per landmark and averaged, one row per ablation variant."""
+    header = ["Method"] + [spaced(n) for n in names] + ["Average"]
+    rows = [[VARIANT_LABELS.get(v, v)] + [cell(summary[v][f"test_mre_mm_{n}"]) for n in names + ["mean"]]
+            for v in summary]
+    return f"## {study}: MRE (mm), mean ± std over seeds\n\n" + markdown_table(header, rows)
+
+
+def landmark_figure(study: str, names: list[str], trials: list[dict], path: Path) -> None:
+    """Predicted (x) vs true (o) points of the first test case, projected on the axial, coronal and sagittal
+    slices through the true points' centroid; one row per variant (its first seed)."""
+    index = json.loads((resolve_path(PREPROCESSED_ROOT) / study / "dataset.json").read_text())
+    shown: dict[str, dict] = {}
+    for trial in sorted(trials, key=lambda t: t["seed"]):
+        shown.setdefault(trial["variant"], trial)
+    folders = {v: resolve_path(PREDICTIONS_ROOT) / study / f"{v}-seed{t['seed']}" for v, t in shown.items()}
+    case_id = min(p.stem for p in next(iter(folders.values())).glob("*.json"))
+    image = nib.load(resolve_path(PREPROCESSED_ROOT) / study / index["cases"][case_id]["image"])
+    volume, affine = np.asarray(image.dataobj, dtype=np.float32), image.affine
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    true_mm = np.array([index["cases"][case_id]["landmarks_mm"][n] for n in names])
+    truth = world_to_voxel(affine, true_mm)
+    centre = np.clip(np.round(truth.mean(axis=0)).astype(int), 0, np.array(volume.shape) - 1)
+    planes = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
+    colours = plt.cm.tab10(np.arange(len(names)) % 10)
+    fig, axes = plt.subplots(len(shown), 3, figsize=(11, 3.6 * len(shown)), squeeze=False)
+    for row, (variant, folder) in enumerate(folders.items()):
+        points = read_landmarks(folder / f"{case_id}.json", names, case_id)
+        predicted_mm = np.array([points[n] for n in names])
+        predicted = world_to_voxel(affine, predicted_mm)
+        mre = np.linalg.norm(predicted_mm - true_mm, axis=1).mean()
+        for col, (plane, axis, (h, v)) in enumerate(planes):
+            ax = axes[row, col]
+            ax.imshow(np.take(volume, centre[axis], axis=axis).T, origin="lower", cmap="gray",
+                      aspect=spacing[v] / spacing[h])
+            ax.autoscale(False)  # the slice's extent, whatever the points
+            ax.scatter(truth[:, h], truth[:, v], s=60, facecolors="none", edgecolors=colours, linewidths=1.5)
+            ax.scatter(predicted[:, h], predicted[:, v], s=50, c=colours, marker="x")
+            ax.set_title(f"{VARIANT_LABELS.get(variant, variant)} seed {shown[variant]['seed']}: {plane}"
+                         + (f", MRE {mre:.1f} mm" if col == 0 else ""), fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=n) for n, c in zip(names, colours)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(names), fontsize=8,
+               title="o true, x predicted (projected onto the slice)", title_fontsize=8)
+    fig.suptitle(f"{study}: test case {case_id}")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def landmark_report(study: str, config: dict, summary: dict, trials: list[dict], out_dir: Path) -> list[Path]:
+    """Table 4-shaped MRE table and the predicted-vs-true slices; the table first."""
+    names = list(get_layout(config["dataset"]["layout"]).labels.values())
+    table, figure = out_dir / f"{study}_table.md", out_dir / f"{study}_landmarks.png"
+    table.write_text(landmark_table(study, summary, names))
+    landmark_figure(study, names, trials, figure)
+    return [table, figure]
+
+
+STUDY_REPORTS = {"segmentation": segmentation_report, "landmark": landmark_report}
+
+
 def report_study(study: str, out_dir: Path) -> Path | None:
-    """Write one study's tables, chart and overlays; None when the study has not been evaluated."""
+    """Write one study's tables and plots, attach them to its MLflow parent run; None when not evaluated."""
     summary_file = resolve_path(METRICS_ROOT) / study / "test_summary.json"
     if not summary_file.is_file():
         return None
     config = resolve_study(study_config(study))
     summary = json.loads(summary_file.read_text())
-    regions = list(config["evaluate"]["regions"])
-    table = out_dir / f"{study}_table.md"
-    artifacts = [table]
-    if summary:
-        table.write_text(segmentation_tables(study, summary, regions))
-        dice_chart(study, summary, regions, out_dir / f"{study}_dice.png")
-        artifacts.append(out_dir / f"{study}_dice.png")
-    else:
-        table.write_text(f"## {study}\n\nNo labelled test case: the predictions in predictions/{study}/ are for "
-                         "the dataset's own evaluation (AMOS: the challenge site).\n")
-    overlays = overlay_figure(study, load_params()["report"]["overlay_cases"], out_dir / f"{study}_overlays.png")
-    artifacts += [overlays] if overlays else []
     trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
+    files = STUDY_REPORTS[config["task"]](study, config, summary, trials["trials"], out_dir)
     runs = StudyRuns(config, trials["config_hash"])
-    for artifact in artifacts:
-        runs.client.log_artifact(trials["parent_run_id"], str(artifact), artifact_path="report")
-    return table
+    for path in files:
+        runs.client.log_artifact(trials["parent_run_id"], str(path), artifact_path="report")
+    return files[0]
 
 
 def report() -> list[Path]:

@@ -33,7 +33,6 @@ def load_plan(study: str) -> dict | None:
 def resolve_study(config: dict) -> dict:
     """A copy of the study config with `auto`/`uniform`/missing regions replaced (see the module doc)."""
     study = config["study"]
-    index = json.loads((prepared_dir(study) / "dataset.json").read_text())
     plan = load_plan(study)
     train = dict(config["train"])
     for key in ("patch_size", "batch_size"):
@@ -41,6 +40,9 @@ def resolve_study(config: dict) -> dict:
             if plan is None:
                 raise ValueError(f"study {study}: train.{key} is 'auto' but the study has no plan ({PLAN_FILE})")
             train[key] = plan[key]
+    if config["task"] != "segmentation":
+        return {**config, "train": train}
+    index = json.loads((prepared_dir(study) / "dataset.json").read_text())
     if train.get("label_probabilities") == "uniform":
         train["label_probabilities"] = {int(value): 1 for value in index["labels"]}
     evaluate = dict(config["evaluate"])

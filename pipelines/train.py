@@ -54,7 +54,8 @@ def trial_plan(config: dict) -> dict:
         "arch": {
             "task": config["task"],
             "in_channels": len(index["channels"]),
-            "out_channels": len(index["labels"]),
+            # One output channel per label (segmentation) or per landmark heatmap.
+            "out_channels": len(index["labels"] if "labels" in index else index["landmarks"]),
             "kwargs": config["model"],
         },
         "prediction": prediction_record(config, index),

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nnmamba.checkpoint import model_from_arch
-from nnmamba.engine import amp_dtype, build_optimizer, repeat_batches, train_epoch
+from nnmamba.engine import CapturedTrainStep, amp_dtype, build_optimizer, repeat_batches, train_epoch
 from nnmamba.tasks import TrainingTask, get_task
 
 STATE_FILE = "state.pt"
@@ -80,7 +80,9 @@ def train_loop(trial: dict) -> None:
         model = model.to(memory_format=torch.channels_last_3d)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer = build_optimizer(bare, **train["optimizer"])
+    # A CUDA-graph replayed step needs one GPU per trial: DDP steps are not captured.
+    graphed = train.get("cuda_graph", False) and device.type == "cuda" and world == 1
+    optimizer = build_optimizer(bare, **train["optimizer"], capturable=graphed)
     state = _restore(bare, optimizer, device)
     start_epoch = state["epoch"] if state else 0
     val_metrics = state["val_metrics"] if state else {}
@@ -91,12 +93,13 @@ def train_loop(trial: dict) -> None:
     loader = task.train_loader(dataset_dir, index, trial["train_cases"], train,
                                seed=trial["seed"] * 1_000 + start_epoch, rank=rank, world_size=world)
     batches = repeat_batches(loader)
-    loss_fn = task.loss()
+    loss_fn = task.loss(train)
+    captured = CapturedTrainStep(model, loss_fn, optimizer, dtype) if graphed else None
     better = max if task.selection_mode == "max" else min
     for epoch in range(start_epoch, train["epochs"]):
         started = time.perf_counter()
         loss = train_epoch(model, batches, loss_fn, optimizer, train["steps_per_epoch"], device, dtype,
-                           train["channels_last"])
+                           train["channels_last"], captured)
         if not val_metrics or (epoch + 1) % train["val_every"] == 0 or epoch + 1 == train["epochs"]:
             val_metrics = _validate(task, model, trial, device, dtype)
         score = val_metrics[task.selection_metric]

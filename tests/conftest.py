@@ -62,8 +62,8 @@ def _wait_for_head(head: subprocess.Popen, log: Path, timeout_s: float = 300) ->
 def write_project(root: Path, overrides: dict, studies: list[str] | None = None) -> Path:
     """Copy the project's code and pipeline into `root` as a fresh git+DVC repo, params overridden.
 
-    `studies` keeps only those studies (and the synthetic datasets they read), so a test runs
-    the stages it is about.
+    `studies` keeps only those studies (and the synthetic datasets they read), so an end-to-end test
+    runs its own task's pipeline, not every study in params.yaml.
     """
     from pipelines.config import deep_merge
 
@@ -89,8 +89,13 @@ def write_project(root: Path, overrides: dict, studies: list[str] | None = None)
 
 
 def run_in(root: Path, *command, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run a project command (dvc, python -m pipelines...) in `root` with the venv on PATH."""
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    """Run a project command (dvc, python -m pipelines...) in `root` with the venv on PATH.
+
+    MLFLOW_TRACKING_URI is not inherited (unless `env` sets it): `mlflow.set_tracking_uri` in a
+    test exports it, and the project would then log into another test's store.
+    """
+    inherited = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    full_env = {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     result = subprocess.run([str(c) for c in command], cwd=root, env=full_env, capture_output=True, text=True,
                             timeout=timeout)
     if result.returncode != 0:

@@ -129,6 +129,23 @@ def test_scan_runs_in_float32_under_bfloat16_autocast():
     assert torch.equal(out, in_float32.to(torch.bfloat16))
 
 
+def denormals_flushed() -> bool:
+    return torch.tensor([1e-39]).mul(1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("flushed", [False, True])
+def test_cpu_scan_leaves_the_callers_denormal_mode_as_it_was(flushed):
+    # The scan flushes denormals while it runs (they made it ~9x slower); the caller's mode is restored.
+    inputs = make_scan_inputs(1, 3, 4, 50, use_D=True, use_z=True, use_bias=True, dtype=torch.float32,
+                              delta_scale=5.0, A_scale=16.0)
+    torch.set_flush_denormal(flushed)
+    try:
+        outputs_and_grads(selective_scan, inputs, True, chunk_size=16)
+        assert denormals_flushed() == flushed
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_scan_rejects_bad_shapes_and_chunk_size():
     inputs = make_scan_inputs(2, 3, 4, 5, use_D=True, use_z=False, use_bias=False)
     with pytest.raises(ValueError, match=r"B must have shape \(2, 4, 5\)"):

@@ -55,7 +55,7 @@ def read_amos_dataset(
                 raise DataError(f"{path}: AMOS image files are named amos_XXXX{AMOS_FILE_ENDING}")
             if amos_modality(case_id) == modality:
                 label = label_file(root, folder, case_id, AMOS_FILE_ENDING)
-                cases.append(CaseFiles(case_id, {modality: path}, label, SUBSET_OF_FOLDER[folder]))
+                cases.append(CaseFiles(case_id, {modality: path}, label, subset=SUBSET_OF_FOLDER[folder]))
     if not cases:
         raise DataError(f"AMOS dataset {root}: no {modality} cases in {list(subsets)}")
     return RawDataset(cases, description.labels, (modality,))

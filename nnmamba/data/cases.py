@@ -7,7 +7,7 @@ which keeps it free of layout-specific knowledge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -19,13 +19,14 @@ class CaseFiles:
     order is the channel order of the stacked network input. ``label`` is the
     segmentation file, or ``None`` for unlabelled (test) cases. ``subset`` is
     the split the dataset itself assigns (``"train"``, ``"val"``, ``"test"``:
-    AMOS's imagesTr/imagesVa/imagesTs folders), ``None`` where it assigns none.
+    AMOS's imagesTr/imagesVa/imagesTs folders), ``None`` where it assigns none;
+    keyword-only, so subclasses (landmark cases) can still add required fields.
     """
 
     case_id: str
     images: dict[str, Path]
     label: Path | None
-    subset: str | None = None
+    subset: str | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 from nnmamba.data.amos import read_amos_dataset
 from nnmamba.data.brats import BRATS_LABELS, BRATS_MODALITIES, find_brats_cases
 from nnmamba.data.cases import CaseFiles, RawDataset
+from nnmamba.data.landmarks import LANDMARK_CHANNELS, LANDMARK_NAMES, find_landmark_cases
 from nnmamba.data.nnunet import read_nnunet_dataset
 
 
@@ -67,6 +68,12 @@ def _cases_of(read_dataset: Callable[..., RawDataset]) -> Callable[[Path], list[
     return lambda root: read_dataset(Path(root)).cases
 
 
+def _write_synthetic_fetal(root: Path, **kwargs) -> list[str]:
+    from nnmamba.data.synthetic_fetal import write_synthetic_fetal
+
+    return write_synthetic_fetal(root, **kwargs)
+
+
 def _brats_patient(case_id: str) -> str:
     """BraTS-GLI-<patient>-<timepoint>: timepoints of one patient must stay in one split."""
     return case_id.rsplit("-", 1)[0]
@@ -81,6 +88,10 @@ LAYOUTS: dict[str, Layout] = {
                      read_dataset=read_amos_dataset),
     "nnunet": Layout("nnunet", _cases_of(read_nnunet_dataset), {}, (), _write_synthetic_nnunet,
                      read_dataset=read_nnunet_dataset),
+    # Labels are the landmark names: output channel k is the heatmap of landmark k.
+    "landmarks": Layout(
+        "landmarks", find_landmark_cases, dict(enumerate(LANDMARK_NAMES)), LANDMARK_CHANNELS, _write_synthetic_fetal
+    ),
 }
 
 

@@ -16,7 +16,8 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -381,6 +382,25 @@ def _replace_directory(new: Path, target: Path) -> None:
         os.rename(aside, target)
         raise
     shutil.rmtree(aside)
+
+
+@contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A fresh sibling of ``out_dir`` to write into; it replaces ``out_dir`` when the block succeeds.
+
+    On any error it is removed and a pre-existing ``out_dir`` stays exactly as it was, so a
+    dataset written through it is never half-replaced.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
+    try:
+        yield staging
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def load_preprocessed(dataset_dir: Path, case_id: str) -> tio.Subject:

@@ -26,8 +26,9 @@ FLIP_KEYS = {"flip_axes": "axes"}
 RANDOM_TRANSFORMS: dict[str, tuple[type[tio.Transform], dict[str, str], dict[str, Any]]] = {
     # Preprocessed volumes are 0 outside the head, so resampling pads with 0 too.
     "affine_p": (tio.RandomAffine, {"scales": "scales", "degrees": "degrees"}, {"default_pad_value": 0}),
-    "gamma_p": (tio.RandomGamma, {"log_gamma": "log_gamma"}, {}),
-    "noise_p": (tio.RandomNoise, {"noise_std": "std"}, {}),
+    # Intensity changes touch the network input only (landmark heatmap targets are images too).
+    "gamma_p": (tio.RandomGamma, {"log_gamma": "log_gamma"}, {"include": ["image"]}),
+    "noise_p": (tio.RandomNoise, {"noise_std": "std"}, {"include": ["image"]}),
 }
 AUGMENTATION_KEYS = frozenset(
     {"flip_p", *FLIP_KEYS, *RANDOM_TRANSFORMS, *(k for _, keys, _ in RANDOM_TRANSFORMS.values() for k in keys)}
@@ -133,30 +134,35 @@ def make_patch_loader(
     return PrivateRngLoader(queue, seed=rank_seed, batch_size=batch_size, collate_fn=collate_patches)
 
 
-def _rank_subjects(
-    pairs: list[tuple[Path, Path]], samples_per_volume: int, rank: int, world_size: int
-) -> list[tio.Subject]:
-    """This rank's disjoint share of subjects (round robin), with per-subject patch counts.
+def rank_share(items: list[T], samples_per_volume: int, rank: int, world_size: int) -> list[tuple[T, int]]:
+    """This rank's disjoint share of items (round robin), each with its number of patches per epoch.
 
-    Ranks holding one subject fewer draw proportionally more patches per subject,
+    Ranks holding one item fewer draw proportionally more patches per item,
     so every rank has ceil(n / world_size) * samples_per_volume patches per epoch:
     unequal epoch lengths would leave a DDP rank waiting in an all-reduce forever.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    if len(pairs) < world_size:
-        raise ValueError(f"{len(pairs)} subjects cannot be shared by {world_size} ranks")
-    shard = pairs[rank::world_size]
-    patches_per_rank = math.ceil(len(pairs) / world_size) * samples_per_volume
+    if len(items) < world_size:
+        raise ValueError(f"{len(items)} subjects cannot be shared by {world_size} ranks")
+    shard = items[rank::world_size]
+    patches_per_rank = math.ceil(len(items) / world_size) * samples_per_volume
     base, extra = divmod(patches_per_rank, len(shard))
+    return [(item, base + int(index < extra)) for index, item in enumerate(shard)]
+
+
+def _rank_subjects(
+    pairs: list[tuple[Path, Path]], samples_per_volume: int, rank: int, world_size: int
+) -> list[tio.Subject]:
+    """This rank's subjects (see ``rank_share``), with per-subject patch counts."""
     return [
         tio.Subject(
             image=tio.ScalarImage(image),
             label=tio.LabelMap(label),
             case_id=_case_id(Path(image)),
-            num_samples=base + int(index < extra),
+            num_samples=num_samples,
         )
-        for index, (image, label) in enumerate(shard)
+        for (image, label), num_samples in rank_share(pairs, samples_per_volume, rank, world_size)
     ]
 
 

@@ -1,0 +1,22 @@
+"""In-memory training batches for throughput benchmarks: what a patch loader hands the GPU, without disk or augmentation."""
+
+from __future__ import annotations
+
+import torch
+
+
+def synthetic_batches(count: int, batch: int, in_channels: int, classes: int, spatial: tuple[int, ...],
+                      seed: int) -> list[dict[str, torch.Tensor]]:
+    """`count` batches of float32 images and int64 label maps on the CPU, pinned when a GPU is present.
+
+    Same dtypes and shapes as `nnmamba.data.sampling.collate_patches`, so each step also pays the
+    host-to-device copy a real loader's batch costs.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pin = torch.cuda.is_available()
+    batches = []
+    for _ in range(count):
+        image = torch.randn(batch, in_channels, *spatial, generator=generator)
+        label = torch.randint(0, classes, (batch, 1, *spatial), generator=generator)
+        batches.append({"image": image.pin_memory() if pin else image, "label": label.pin_memory() if pin else label})
+    return batches

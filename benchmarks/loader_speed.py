@@ -1,0 +1,90 @@
+"""Training input pipeline throughput: BraTS-size volumes, 128^3 patches, the paper profile's augmentation.
+
+Writes `--cases` synthetic preprocessed cases (4 x 240 x 240 x 155 float32 images, the uncropped
+BraTS size, i.e. the worst case, and label maps with tumour-like blobs) as .nii.gz, then times
+`nnmamba.data.sampling.make_patch_loader` (torchio queue, label-weighted patches, batch 2) with
+the given worker counts and compares batches/s with the GPU's train steps/s (issue target: >= 1.5x).
+
+    python benchmarks/loader_speed.py --out benchmarks/results/loader_speed.json --workers 16 --gpu-step-ms 39.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchio as tio
+
+from _common import ResultFile
+from nnmamba.data.sampling import make_patch_loader
+
+SHAPE = (240, 240, 155)
+# params.yaml, profile `paper`
+AUGMENTATION = {"flip_axes": [0, 1, 2], "flip_p": 0.5, "affine_p": 0.2, "scales": 0.1, "degrees": 10,
+                "gamma_p": 0.2, "noise_p": 0.1}
+
+
+def write_case(directory: Path, index: int) -> tuple[Path, Path]:
+    """One case: smooth random 4-channel image, labels 1-3 in nested blobs (like whole tumour / core / enhancing)."""
+    rng = np.random.default_rng(index)
+    coarse = torch.from_numpy(rng.standard_normal((1, 4, 15, 15, 10)).astype(np.float32))
+    image = torch.nn.functional.interpolate(coarse, size=SHAPE, mode="trilinear")[0]
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
+    centre = np.array([rng.integers(60, s - 60) for s in SHAPE]).reshape(3, 1, 1, 1)
+    distance = np.sqrt(((grid - centre) ** 2).sum(0))
+    label = np.select([distance < 8, distance < 14, distance < 25], [3, 1, 2], 0).astype(np.uint8)
+    paths = directory / f"case{index:03d}_image.nii.gz", directory / f"case{index:03d}_label.nii.gz"
+    tio.ScalarImage(tensor=image).save(paths[0])
+    tio.LabelMap(tensor=torch.from_numpy(label)[None]).save(paths[1])
+    return paths
+
+
+def batches_per_second(images: list[Path], labels: list[Path], workers: int, batches: int) -> dict:
+    loader = make_patch_loader(images, labels, patch_size=(128, 128, 128), batch_size=2, samples_per_volume=8,
+                               queue_length=64, label_probabilities={0: 1, 1: 1, 2: 1, 3: 1},
+                               augmentation=AUGMENTATION, num_workers=workers, seed=0)
+    stream = itertools.chain.from_iterable(itertools.repeat(loader))
+    started = time.perf_counter()
+    next(stream)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    elapsed = time.perf_counter() - started
+    return {"workers": workers, "first_batch_s": first, "batches": batches, "seconds": elapsed,
+            "batches_per_s": batches / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", type=int, default=16)
+    parser.add_argument("--workers", nargs="+", type=int, default=[16])
+    parser.add_argument("--batches", type=int, default=60, help="timed batches after the first")
+    parser.add_argument("--gpu-step-ms", type=float, required=True, help="measured train step of the GPU to feed")
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="loader_speed_"))
+    started = time.perf_counter()
+    with ProcessPoolExecutor() as pool:
+        pairs = list(pool.map(write_case, itertools.repeat(directory), range(args.cases)))
+    results = ResultFile(args.out, {"benchmark": "loader_speed", "volume": [4, *SHAPE], "patch": [128] * 3,
+                                    "batch": 2, "samples_per_volume": 8, "queue_length": 64,
+                                    "augmentation": AUGMENTATION, "cases": args.cases,
+                                    "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started})
+    images, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+    for workers in args.workers:
+        entry = batches_per_second(images, labels, workers, args.batches)
+        entry["ratio_to_gpu_step_rate"] = entry["batches_per_s"] * args.gpu_step_ms / 1e3
+        results.add(entry)
+        print(f"loader {workers:2d} workers: {entry['batches_per_s']:.1f} batches/s = "
+              f"{entry['ratio_to_gpu_step_rate']:.2f}x the GPU's {1e3 / args.gpu_step_ms:.1f} steps/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
