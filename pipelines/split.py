@@ -69,15 +69,19 @@ def folder_split(subsets: dict[str, str | None], patient_of, val: float, seed: i
     return split
 
 
-def split_cases(index: dict, patient_of, spec: dict) -> dict[str, list[str]]:
-    """train/val/test case ids of a prepared dataset index by `spec` (the study's `split` section)."""
+def split_cases(index: dict, patient_of, spec: dict, require_labels: bool = True) -> dict[str, list[str]]:
+    """train/val/test case ids of a prepared dataset index by `spec` (the study's `split` section).
+
+    `require_labels`: a random split of a segmentation dataset must not hand an unlabelled case to
+    training or testing (landmark cases carry points instead of label maps).
+    """
     method = spec.get("method", "random")
     if method == "folders":
         subsets = {case_id: entry.get("subset") for case_id, entry in index["cases"].items()}
         return folder_split(subsets, patient_of, spec["val"], spec["seed"])
     if method != "random":
         raise ValueError(f"unknown split.method {method!r}; known: ['folders', 'random']")
-    unlabelled = sorted(c for c, entry in index["cases"].items() if entry["label"] is None)
+    unlabelled = sorted(c for c, entry in index["cases"].items() if require_labels and entry["label"] is None)
     if unlabelled:
         raise DataError(f"split.method 'random' splits labelled cases, but case {unlabelled[0]} has no label: "
                         "leave unlabelled folders out of dataset.reader.subsets or use split.method 'folders'")
@@ -89,7 +93,8 @@ def make_split(study: str) -> dict:
     config = study_config(study)
     index = json.loads((resolve_path(PREPROCESSED_ROOT) / study / "dataset.json").read_text())
     spec = config["split"]
-    split = split_cases(index, get_layout(config["dataset"]["layout"]).patient_of, spec)
+    split = split_cases(index, get_layout(config["dataset"]["layout"]).patient_of, spec,
+                        require_labels=config["task"] == "segmentation")
     write_json(resolve_path(SPLITS_ROOT) / f"{study}.json", {"seed": spec["seed"], **split})
     print("split: " + ", ".join(f"{name} {len(ids)}" for name, ids in split.items()))
     return split

@@ -38,6 +38,9 @@ def test_bad_requests_are_named() -> None:
         split_cases(brats, lambda c: c, {"method": "folders", "val": 1, "seed": 0})
     with pytest.raises(DataError, match="case amos_0004 has no label"):
         split_cases(AMOS, lambda c: c, {"method": "random", "val": 1, "test": 1, "seed": 0})
+    points_only = _index({f"fetal_{i}": (None, False) for i in range(4)})  # landmark cases: points, no label map
+    assert len(split_cases(points_only, lambda c: c, {"method": "random", "val": 1, "test": 1, "seed": 0},
+                           require_labels=False)["train"]) == 2
     with pytest.raises(ValueError, match="unknown split.method 'kfold'"):
         split_cases(AMOS, lambda c: c, {"method": "kfold", "val": 1, "test": 1, "seed": 0})
 
