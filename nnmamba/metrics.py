@@ -35,6 +35,7 @@ background in both masks, which is what the erosion assumes outside the cropped 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
@@ -43,6 +44,22 @@ from monai.metrics.utils import get_edge_surface_distance
 from monai.transforms.utils import generate_spatial_bounding_box
 
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+
+
+def per_class_regions(labels: Mapping[int | str, str]) -> dict[str, tuple[int, ...]]:
+    """One region per foreground class of a dataset.json label table: ``{"right_kidney": (2,), ...}``.
+
+    Names become metric-key safe (letters, digits, underscores: "prostate/uterus" ->
+    "prostate_uterus"); a name left empty or repeated gets its label value appended.
+    Background (0) is not a region.
+    """
+    regions: dict[str, tuple[int, ...]] = {}
+    for value, name in sorted(((int(v), n) for v, n in labels.items())):
+        if value == 0:
+            continue
+        key = re.sub(r"[^0-9A-Za-z]+", "_", str(name)).strip("_") or "label"
+        regions[f"{key}_{value}" if key in regions or key == "label" else key] = (value,)
+    return regions
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -19,4 +19,10 @@ def connect_ray(config: dict) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or config["ray"].get("address")
-    ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+    env = dict(WORKER_ENV)
+    if address and "://" not in address and address not in ("auto", "local"):
+        # Ray Train's placement-group cleaner looks actors up by the cluster address; without one it
+        # picks the most recently started Ray on the host, and on a host running several clusters
+        # (CI, shared machines) it then tears down this job's live trials.
+        env["RAY_ADDRESS"] = address
+    ray.init(address=address, runtime_env={"env_vars": env})

@@ -2,10 +2,12 @@
 
 One Ray task per trial (CPU or GPU, from `evaluate.resources`) runs sliding-window inference on
 each test case and scores it against the raw annotation: a segmentation is mapped back onto the
-raw image grid and compared with the raw label file with the voxel spacing; landmark heatmaps are
-decoded to world points (mm) and compared with the raw points file. This driver writes the
-prediction files, the per-case CSV, the summary JSON (DVC metrics) and MLflow: test metrics in
-each child run, mean/std over seeds in the parent run.
+raw image grid (class probabilities where the plan resampled, nnU-Net style) and compared with the
+raw label file with the voxel spacing, per region (BraTS) or per class (organ datasets, names from
+dataset.json); landmark heatmaps are decoded to world points (mm) and compared with the raw points
+file. Unlabelled test cases (AMOS imagesTs, scored on the challenge site) are predicted, not
+scored. This driver writes the prediction files, the per-case CSV, the summary JSON (DVC metrics)
+and MLflow: test metrics in each child run, mean/std over seeds in the parent run.
 
     python -m pipelines.evaluate brats2023
 """
@@ -28,12 +30,14 @@ from tqdm import tqdm
 
 from nnmamba.checkpoint import load_bundle
 from nnmamba.data.landmarks import read_landmarks, write_landmarks
-from nnmamba.data.preprocess import load_preprocessed, to_raw_geometry
-from nnmamba.inference import predict_labels, predict_landmarks
+from nnmamba.data.preprocess import load_preprocessed
+from nnmamba.inference import predict_landmarks
 from nnmamba.metrics import landmark_metrics, segmentation_metrics
+from nnmamba.predict import file_ending, segment_preprocessed
 from pipelines.cluster import connect_ray
 from pipelines.config import resolve_path, study_config, write_json
 from pipelines.prepare import PREPROCESSED_ROOT
+from pipelines.resolve import resolve_study
 from pipelines.split import SPLITS_ROOT
 from pipelines.tracking import StudyRuns
 from pipelines.train import METRICS_ROOT, MODELS_ROOT
@@ -41,8 +45,12 @@ from pipelines.train import METRICS_ROOT, MODELS_ROOT
 PREDICTIONS_ROOT = "predictions"
 
 
-def predict_and_score(model_dir: str, dataset_dir: str, case_ids: list[str], config: dict) -> list[tuple[dict, tio.LabelMap]]:
-    """Score one trained model on the given cases: (metrics row, prediction in raw geometry) per case."""
+def predict_and_score(model_dir: str, dataset_dir: str, case_ids: list[str],
+                      config: dict) -> list[tuple[dict, tuple[tio.LabelMap, str]]]:
+    """Score one trained model on the given cases: (metrics row, (prediction in raw geometry, raw file ending)).
+
+    Unlabelled cases get a row with their id only.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_bundle(Path(model_dir), device)
     evaluate, patch = config["evaluate"], config["train"]["patch_size"]
@@ -51,13 +59,18 @@ def predict_and_score(model_dir: str, dataset_dir: str, case_ids: list[str], con
     for case_id in case_ids:
         entry = index["cases"][case_id]
         subject = load_preprocessed(Path(dataset_dir), case_id)
-        labels = predict_labels(model, subject["image"].data, patch, overlap=evaluate["overlap"],
-                                mirror_axes=evaluate["mirror_axes"], device=device)
-        prediction = to_raw_geometry(labels.to(torch.uint8), entry["properties"], Path(entry["raw_label"]))
-        truth = tio.LabelMap(entry["raw_label"])
-        metrics = segmentation_metrics(prediction.numpy()[0], truth.numpy()[0], truth.spacing,
-                                       evaluate["regions"], evaluate["nsd_tolerance_mm"])
-        scored.append(({"case_id": case_id, **{f"test_{k}": v for k, v in metrics.items()}}, prediction))
+        reference = Path(entry["raw_label"] or next(iter(entry["raw_images"].values())))
+        prediction = segment_preprocessed(model, subject["image"].data, entry["properties"], reference, patch,
+                                          overlap=evaluate["overlap"], mirror_axes=evaluate["mirror_axes"],
+                                          device=device)
+        row = {"case_id": case_id}
+        ending = file_ending(Path(next(iter(entry["raw_images"].values()))))
+        if entry["raw_label"] is not None:
+            truth = tio.LabelMap(entry["raw_label"])
+            metrics = segmentation_metrics(prediction.numpy()[0], truth.numpy()[0], truth.spacing,
+                                           evaluate["regions"], evaluate["nsd_tolerance_mm"])
+            row.update({f"test_{k}": v for k, v in metrics.items()})
+        scored.append((row, (prediction, ending)))
     return scored
 
 
@@ -85,8 +98,10 @@ def predict_landmarks_and_score(model_dir: str, dataset_dir: str, case_ids: list
     return scored
 
 
-def save_label_map(prediction: tio.LabelMap, directory: Path, case_id: str) -> None:
-    prediction.save(directory / f"{case_id}.nii.gz")
+def save_label_map(prediction: tuple[tio.LabelMap, str], directory: Path, case_id: str) -> None:
+    """The label map in the raw image's own format (.nii.gz, .nrrd, .mha, ...)."""
+    labels, ending = prediction
+    labels.save(directory / f"{case_id}{ending}")
 
 
 def save_points(points: dict[str, list[float]], directory: Path, case_id: str) -> None:
@@ -111,6 +126,8 @@ EVALUATORS = {
 def summarise(per_case: pd.DataFrame) -> dict:
     """Per variant: mean and std over seeds of each seed's mean over test cases (the paper's mean ± std)."""
     metric_cols = [c for c in per_case.columns if c.startswith("test_")]
+    if not metric_cols:  # no labelled test case (AMOS imagesTs): predictions only
+        return {}
     per_seed = per_case.groupby(["variant", "seed"])[metric_cols].mean()
     summary = {}
     for variant, frame in per_seed.groupby(level="variant"):
@@ -124,6 +141,8 @@ def log_to_mlflow(config: dict, trials: dict, per_case: pd.DataFrame, summary: d
     """Test metrics into each child run; `<variant>_<metric>_mean/_std` into the parent run."""
     runs = StudyRuns(config, trials["config_hash"])
     metric_cols = [c for c in per_case.columns if c.startswith("test_")]
+    if not metric_cols:
+        return
     per_seed = per_case.groupby(["variant", "seed"])[metric_cols].mean()
     for trial in trials["trials"]:
         runs.log_metrics(trial["run_id"], per_seed.loc[(trial["variant"], trial["seed"])].to_dict())
@@ -134,7 +153,7 @@ def log_to_mlflow(config: dict, trials: dict, per_case: pd.DataFrame, summary: d
 
 def evaluate(study: str) -> dict:
     """Evaluate all of a study's trials on its test split and write predictions, CSV, JSON and MLflow."""
-    config = study_config(study)
+    config = resolve_study(study_config(study))
     trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
     test_cases = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())["test"]
     dataset_dir = str(resolve_path(PREPROCESSED_ROOT) / study)

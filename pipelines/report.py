@@ -1,8 +1,10 @@
 """DVC stage `report`: paper-style tables and plots for every evaluated study.
 
 For a segmentation study: a markdown table in the shape of the paper's Table 1 (Dice and HD95
-per region, mean ± std over seeds, one row per ablation variant), the same for NSD, and a PNG bar
-chart with error bars. For a landmark study: a table in the shape of Table 4 (MRE in mm per
+per region, or per organ, mean ± std over seeds, one row per ablation variant), the same for NSD,
+a PNG bar chart with error bars and PNG overlays of a few test cases (image, ground truth, each
+variant); for organ datasets also the paper's Table 2 (parameters, GFLOPs, mDice and mNSD per test
+set, AMOS CT and MR side by side). For a landmark study: a table in the shape of Table 4 (MRE in mm per
 landmark and averaged, mean ± std over seeds) and a PNG of predicted vs true points on three
 orthogonal slices of a test case. Tables and plots are also attached to the study's MLflow parent run.
 
@@ -29,6 +31,9 @@ from nnmamba.heatmaps import world_to_voxel  # noqa: E402
 from pipelines.config import load_params, resolve_path, study_config  # noqa: E402
 from pipelines.evaluate import PREDICTIONS_ROOT  # noqa: E402
 from pipelines.prepare import PREPROCESSED_ROOT  # noqa: E402
+from pipelines.report_organs import PAPER_PATCH, organ_groups, test_set_label, variant_complexity  # noqa: E402
+from pipelines.report_overlays import overlay_figure  # noqa: E402
+from pipelines.resolve import resolve_study  # noqa: E402
 from pipelines.tracking import StudyRuns  # noqa: E402
 from pipelines.train import METRICS_ROOT, MODELS_ROOT  # noqa: E402
 
@@ -88,12 +93,46 @@ def dice_chart(study: str, summary: dict, regions: list[str], path: Path) -> Non
 
 
 def segmentation_report(study: str, config: dict, summary: dict, trials: list[dict], out_dir: Path) -> list[Path]:
-    """Table 1-shaped tables and the Dice chart; the table first."""
+    """Table 1-shaped tables, the Dice chart and the overlays; the table first.
+
+    A study without a labelled test case (AMOS imagesTs) gets a note instead of tables.
+    """
     regions = list(config["evaluate"]["regions"])
     table, chart = out_dir / f"{study}_table.md", out_dir / f"{study}_dice.png"
-    table.write_text(segmentation_tables(study, summary, regions))
-    dice_chart(study, summary, regions, chart)
-    return [table, chart]
+    files = [table]
+    if summary:
+        table.write_text(segmentation_tables(study, summary, regions))
+        dice_chart(study, summary, regions, chart)
+        files.append(chart)
+    else:
+        table.write_text(f"## {study}\n\nNo labelled test case: the predictions in predictions/{study}/ are for "
+                         "the dataset's own evaluation (AMOS: the challenge site).\n")
+    overlays = overlay_figure(study, load_params()["report"]["overlay_cases"], out_dir / f"{study}_overlays.png")
+    return files + ([overlays] if overlays else [])
+
+
+def organ_table(group: str, studies: list[str]) -> str:
+    """The paper's Table 2 for studies of one organ dataset: size, compute, mDice and mNSD per test set."""
+    configs = {s: resolve_study(study_config(s)) for s in studies}
+    summaries = {s: json.loads((resolve_path(METRICS_ROOT) / s / "test_summary.json").read_text()) for s in studies}
+    header = ["Method", "Params (M)", "GFLOPs 1×128³"]
+    for study, config in configs.items():
+        patch = "×".join(str(p) for p in config["train"]["patch_size"])
+        label = test_set_label(config)
+        header += [f"{label} GFLOPs 1×{patch}", f"{label} mDice (%)", f"{label} mNSD (%)"]
+    rows = []
+    for variant, measured in variant_complexity(studies[0]).items():
+        row = [VARIANT_LABELS.get(variant, variant), f"{measured['parameters'] / 1e6:.2f}",
+               f"{measured['macs'](PAPER_PATCH) / 1e9:.2f}"]
+        for study, config in configs.items():
+            stats = summaries[study].get(variant)
+            row += [f"{measured['macs'](config['train']['patch_size']) / 1e9:.2f}",
+                    cell(stats["test_dice_mean"], 100) if stats else "–",
+                    cell(stats["test_nsd_mean"], 100) if stats else "–"]
+        rows.append(row)
+    return (f"## {group}: parameters, compute and mean Dice / NSD over organs per test set (paper Table 2)\n\n"
+            "GFLOPs are multiply-adds of one forward pass (the paper's \"FLOPs\"); metrics are mean ± std over "
+            "seeds of the mean over test cases.\n\n" + markdown_table(header, rows))
 
 
 def spaced(name: str) -> str:
@@ -169,7 +208,7 @@ def report_study(study: str, out_dir: Path) -> Path | None:
     summary_file = resolve_path(METRICS_ROOT) / study / "test_summary.json"
     if not summary_file.is_file():
         return None
-    config = study_config(study)
+    config = resolve_study(study_config(study))
     summary = json.loads(summary_file.read_text())
     trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
     files = STUDY_REPORTS[config["task"]](study, config, summary, trials["trials"], out_dir)
@@ -183,7 +222,16 @@ def report() -> list[Path]:
     """Reports for every study in params.yaml that has test results."""
     out_dir = resolve_path(REPORTS_ROOT)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = [t for study in load_params()["studies"] if (t := report_study(study, out_dir))]
+    studies = load_params()["studies"]
+    tables = [t for study in studies if (t := report_study(study, out_dir))]
+    for group, members in organ_groups(studies).items():
+        table = out_dir / f"{group}_table2.md"
+        table.write_text(organ_table(group, members))
+        tables.append(table)
+        for study in members:
+            trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
+            StudyRuns(study_config(study), trials["config_hash"]).client.log_artifact(
+                trials["parent_run_id"], str(table), artifact_path="report")
     for table in tables:
         print(table.read_text())
     return tables

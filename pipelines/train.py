@@ -26,12 +26,12 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from nnmamba.checkpoint import load_bundle, save_bundle
-from nnmamba.data.layouts import get_layout
+from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, load_bundle, save_bundle
 from nnmamba.tasks import get_task
 from pipelines.cluster import connect_ray
 from pipelines.config import config_hash, git_commit, resolve_path, study_config, write_json
 from pipelines.prepare import PREPROCESSED_ROOT
+from pipelines.resolve import load_plan, resolve_study
 from pipelines.split import SPLITS_ROOT
 from pipelines.tracking import StudyRuns, experiment_name, flatten
 from pipelines.train_worker import STATE_FILE, train_loop
@@ -46,7 +46,6 @@ def trial_plan(config: dict) -> dict:
     dataset_dir = resolve_path(PREPROCESSED_ROOT) / study
     index = json.loads((dataset_dir / "dataset.json").read_text())
     split = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())
-    layout = get_layout(config["dataset"]["layout"])
     return {
         "config": config,
         "dataset_dir": str(dataset_dir),
@@ -54,11 +53,22 @@ def trial_plan(config: dict) -> dict:
         "val_cases": split["val"],
         "arch": {
             "task": config["task"],
-            "in_channels": len(layout.channels),
-            "out_channels": len(layout.labels),
+            "in_channels": len(index["channels"]),
+            # One output channel per label (segmentation) or per landmark heatmap.
+            "out_channels": len(index["labels"] if "labels" in index else index["landmarks"]),
             "kwargs": config["model"],
         },
+        "prediction": prediction_record(config, index),
     }
+
+
+def prediction_record(config: dict, index: dict) -> dict | None:
+    """What `nnmamba predict` needs besides the weights (saved in every bundle); None for unplanned studies."""
+    plan = load_plan(config["study"])
+    if plan is None:
+        return None
+    return {"task": config["task"], "channels": index["channels"], "labels": index["labels"], "plan": plan,
+            "patch_size": config["train"]["patch_size"], "overlap": config["evaluate"]["overlap"]}
 
 
 def run_trial(trial: dict) -> None:
@@ -130,13 +140,15 @@ def export_trial(result, plan: dict, out_dir: Path, run_id: str, register_as: st
     variant, seed = result.config["variant"], result.config["seed"]
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    save_bundle(out_dir, {**plan["arch"], "variant": variant}, state["model"])
+    save_bundle(out_dir, {**plan["arch"], "variant": variant}, state["model"], plan["prediction"])
     model, arch = load_bundle(out_dir)
     patch = plan["config"]["train"]["patch_size"]
     example = torch.zeros(1, arch["in_channels"], *patch).numpy()
+    # The bundle's JSON files travel with the MLflow model, so `nnmamba predict --model models:/...` works.
+    extra_files = [str(out_dir / name) for name in (ARCH_FILE, PREDICTION_FILE) if (out_dir / name).is_file()]
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
-                                 serialization_format="pickle")
+                                 serialization_format="pickle", extra_files=extra_files)
     metric = get_task(plan["config"]["task"]).selection_metric
     return {"variant": variant, "seed": seed, "run_id": run_id, "model_dir": str(out_dir),
             f"best_{metric}": result.metrics[f"best_{metric}"], "best_epoch": result.metrics["best_epoch"]}
@@ -144,10 +156,11 @@ def export_trial(result, plan: dict, out_dir: Path, run_id: str, register_as: st
 
 def train(study: str) -> list[dict]:
     """Run the study's ablation grid and export its models; returns one summary row per trial."""
-    config = study_config(study)
+    config = resolve_study(study_config(study))
     train_cfg, metric = config["train"], get_task(config["task"]).selection_metric
     identity = {k: config[k] for k in ("dataset", "prepare", "split", "model")}
     identity["train"] = {k: v for k, v in train_cfg.items() if k not in ("variants", "seeds")}
+    identity["plan"] = load_plan(study)  # a new plan (spacing, normalisation) must not resume old trials
     digest = config_hash(identity)
     runs = StudyRuns(config, digest)
     params = {**flatten({"train": train_cfg, "model": config["model"]}), "git_commit": git_commit()}

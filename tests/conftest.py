@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,19 +26,37 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> dict:
-    """A real head node started with `ray start` (token auth on, dashboard on 127.0.0.1 only)."""
+    """A real head node started with `ray start` (token auth on, dashboard on 127.0.0.1 only).
+
+    `--block` keeps `ray start` running as the owner of its node; terminating it shuts down this
+    cluster only. (`ray stop` would kill every Ray process on the host, other sessions' included.)
+    """
     port, dashboard = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
-    subprocess.run(
-        [BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        check=True, capture_output=True,
-    )
+    log = temp_dir / "ray_start.log"
+    with log.open("w") as output:
+        head = subprocess.Popen(
+            [BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
+            stdout=output, stderr=subprocess.STDOUT,
+        )
+    _wait_for_head(head, log)
     address = f"127.0.0.1:{port}"
     # Clients of a token-authenticated cluster opt in with RAY_AUTH_MODE=token (token in ~/.ray/auth_token).
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}",
            "env": {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}}
-    subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
+    head.terminate()
+    head.wait(timeout=120)
+
+
+def _wait_for_head(head: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    """Until `ray start` reports the runtime up; its exit or a timeout fails with its log."""
+    deadline = time.monotonic() + timeout_s
+    while "Ray runtime started" not in log.read_text():
+        if head.poll() is not None or time.monotonic() > deadline:
+            head.kill()
+            raise RuntimeError(f"ray start did not come up:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
 
 
 def write_project(root: Path, overrides: dict, studies: list[str] | None = None) -> Path:

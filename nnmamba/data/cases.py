@@ -7,7 +7,7 @@ which keeps it free of layout-specific knowledge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -17,9 +17,27 @@ class CaseFiles:
 
     ``images`` maps a channel name (e.g. a modality) to its file; the mapping's
     order is the channel order of the stacked network input. ``label`` is the
-    segmentation file, or ``None`` for unlabelled (test) cases.
+    segmentation file, or ``None`` for unlabelled (test) cases. ``subset`` is
+    the split the dataset itself assigns (``"train"``, ``"val"``, ``"test"``:
+    AMOS's imagesTr/imagesVa/imagesTs folders), ``None`` where it assigns none;
+    keyword-only, so subclasses (landmark cases) can still add required fields.
     """
 
     case_id: str
     images: dict[str, Path]
     label: Path | None
+    subset: str | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """A raw dataset as a reader found it: its cases and the names its own metadata gives.
+
+    ``labels`` maps every label value to its name (0 = background) and
+    ``channels`` names the image channels in input order; layouts with a
+    ``dataset.json`` (AMOS, nnU-Net, MSD) take both from it.
+    """
+
+    cases: list[CaseFiles]
+    labels: dict[int, str]
+    channels: tuple[str, ...]

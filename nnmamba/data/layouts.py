@@ -9,15 +9,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from nnmamba.data.amos import read_amos_dataset
 from nnmamba.data.brats import BRATS_LABELS, BRATS_MODALITIES, find_brats_cases
-from nnmamba.data.cases import CaseFiles
+from nnmamba.data.cases import CaseFiles, RawDataset
 from nnmamba.data.landmarks import LANDMARK_CHANNELS, LANDMARK_NAMES, find_landmark_cases
+from nnmamba.data.nnunet import read_nnunet_dataset
 
 
 @dataclass(frozen=True)
 class Layout:
-    """What the pipeline needs to know about one raw layout."""
+    """What the pipeline needs to know about one raw layout.
+
+    Layouts with fixed names (BraTS) give ``find_cases``, ``labels`` and ``channels``;
+    layouts that describe themselves in a ``dataset.json`` (AMOS, nnU-Net) give
+    ``read_dataset`` instead, which takes the reader options of params.yaml
+    (``dataset.reader``). ``read`` serves both kinds.
+    """
 
     name: str
     find_cases: Callable[[Path], list[CaseFiles]]
@@ -25,12 +34,38 @@ class Layout:
     channels: tuple[str, ...]
     write_synthetic: Callable[..., list[str]]
     patient_of: Callable[[str], str] = lambda case_id: case_id
+    read_dataset: Callable[..., RawDataset] | None = None
+
+    def read(self, root: Path, **options: Any) -> RawDataset:
+        """The raw dataset at ``root``: cases, label names, channel names."""
+        if self.read_dataset is not None:
+            return self.read_dataset(Path(root), **options)
+        if options:
+            raise ValueError(f"layout {self.name!r} takes no reader options, got {sorted(options)}")
+        return RawDataset(self.find_cases(Path(root)), dict(self.labels), tuple(self.channels))
 
 
 def _write_synthetic_brats(root: Path, **kwargs) -> list[str]:
     from nnmamba.data.synthetic import write_synthetic_brats
 
     return write_synthetic_brats(root, **kwargs)
+
+
+def _write_synthetic_amos(root: Path, **kwargs) -> list[str]:
+    from nnmamba.data.synthetic_amos import write_synthetic_amos
+
+    return write_synthetic_amos(root, **kwargs)
+
+
+def _write_synthetic_nnunet(root: Path, **kwargs) -> list[str]:
+    from nnmamba.data.synthetic_nnunet import write_synthetic_nnunet
+
+    return write_synthetic_nnunet(root, **kwargs)
+
+
+def _cases_of(read_dataset: Callable[..., RawDataset]) -> Callable[[Path], list[CaseFiles]]:
+    """``find_cases`` of a self-describing layout: its reader with default options."""
+    return lambda root: read_dataset(Path(root)).cases
 
 
 def _write_synthetic_fetal(root: Path, **kwargs) -> list[str]:
@@ -48,6 +83,11 @@ LAYOUTS: dict[str, Layout] = {
     "brats2023": Layout(
         "brats2023", find_brats_cases, BRATS_LABELS, BRATS_MODALITIES, _write_synthetic_brats, _brats_patient
     ),
+    # Labels and channels come from each dataset's dataset.json (empty here).
+    "amos22": Layout("amos22", _cases_of(read_amos_dataset), {}, (), _write_synthetic_amos,
+                     read_dataset=read_amos_dataset),
+    "nnunet": Layout("nnunet", _cases_of(read_nnunet_dataset), {}, (), _write_synthetic_nnunet,
+                     read_dataset=read_nnunet_dataset),
     # Labels are the landmark names: output channel k is the heatmap of landmark k.
     "landmarks": Layout(
         "landmarks", find_landmark_cases, dict(enumerate(LANDMARK_NAMES)), LANDMARK_CHANNELS, _write_synthetic_fetal

@@ -2,8 +2,11 @@
 
 Works for any number of channels and any label set: a layout reader hands over
 :class:`CaseFiles`, this module turns each into a canonical (RAS), per-channel
-z-scored, foreground-cropped subject, and records the geometry needed to put a
-prediction back onto the raw image grid (``to_raw_geometry``).
+normalised, foreground-cropped and (where the plan says so) resampled subject, and
+records the geometry needed to put a prediction back onto the raw image grid
+(``to_raw_geometry``). What normalisation and which spacing come from a
+:class:`~nnmamba.data.plan.Preprocessing`; without one, BraTS's head-mask z-score at
+native spacing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
+from nnmamba.data.plan import ChannelNormalization, Preprocessing
 
 # Two files of one case count as the same grid when their affines agree to this
 # (mm for origins, unitless for direction*spacing): NIfTI stores qform
@@ -146,30 +150,51 @@ def _check_same_grid(case_id: str, ref_path: Path, ref: tio.Image, path: Path, i
         )
 
 
-def preprocess_subject(subject: tio.Subject, crop_margin: int) -> tuple[tio.Subject, dict]:
-    """Canonical orientation, per-channel z-score inside the head mask, crop to the mask.
+def nonzero_mask(data: torch.Tensor) -> torch.Tensor:
+    """Voxels where any channel of a [C, *spatial] tensor is nonzero: the head of a skull-stripped scan."""
+    return (data != 0).any(dim=0)
 
-    The mask is "any channel nonzero" (raw scans are 0 outside the head). Returns
-    the subject and JSON-serialisable properties that ``to_raw_geometry`` uses.
+
+def preprocess_subject(
+    subject: tio.Subject, crop_margin: int, preprocessing: Preprocessing | None = None
+) -> tuple[tio.Subject, dict]:
+    """Canonical orientation, per-channel normalisation, crop to the nonzero mask, resampling.
+
+    The mask is "any channel nonzero" (skull-stripped scans are 0 outside the head;
+    a CT is nonzero nearly everywhere, so it is barely cropped). ``preprocessing``
+    defaults to BraTS's: z-score inside the mask, native spacing. Images are
+    resampled only where their spacing differs from the target (labels nearest
+    neighbour). Returns the subject and JSON-serialisable properties that
+    ``to_raw_geometry`` uses.
     """
     case_id = subject.get("case_id", "<unnamed>")
     names = subject.get("channels", [str(i) for i in range(subject["image"].num_channels)])
+    preprocessing = preprocessing or Preprocessing.head_mask(subject["image"].num_channels)
+    if len(preprocessing.normalization) != subject["image"].num_channels:
+        raise ValueError(f"case {case_id}: {subject['image'].num_channels} channels but "
+                         f"{len(preprocessing.normalization)} normalisation rules")
     canonical = tio.ToCanonical()(subject)
     image = canonical["image"]
-    mask = (image.data != 0).any(dim=0, keepdim=True)
+    mask = nonzero_mask(image.data)
     if not mask.any():
         raise DataError(f"case {case_id}: every voxel of every channel is 0, no foreground to normalise")
+    normalised = _normalise(case_id, names, image, mask[None], preprocessing.normalization)
     result = tio.Subject(
-        image=tio.ScalarImage(tensor=_zscore_inside_mask(case_id, names, image, mask), affine=image.affine),
+        image=tio.ScalarImage(tensor=normalised, affine=image.affine),
         case_id=case_id,
         channels=names,
     )
     if "label" in canonical:
         result.add_image(tio.LabelMap(tensor=canonical["label"].data, affine=image.affine), "label")
-    start, stop = _bounding_box(mask[0], crop_margin)
+    start, stop = bounding_box(mask, crop_margin)
     shape = np.asarray(image.spatial_shape)
     result = tio.Crop(tuple(int(v) for pair in zip(start, shape - stop) for v in pair))(result)
-    return result, _geometry_properties(subject["image"], shape, start, stop, crop_margin, result["image"])
+    resampled = preprocessing.needs_resampling(result["image"].spacing)
+    if resampled:
+        result = tio.Resample(preprocessing.target_spacing, image_interpolation=preprocessing.image_interpolation,
+                              label_interpolation="nearest")(result)
+    properties = _geometry_properties(subject["image"], shape, start, stop, crop_margin, result["image"])
+    return result, {**properties, "resampled": bool(resampled)}
 
 
 def _geometry_properties(
@@ -186,8 +211,41 @@ def _geometry_properties(
         "crop_stop": [int(s) for s in stop],
         "crop_margin": int(margin),
         "preprocessed_shape": list(out.spatial_shape),
+        "preprocessed_spacing": [float(s) for s in out.spacing],
         "preprocessed_affine": out.affine.tolist(),
     }
+
+
+def _normalise(case_id: str, names: list[str], image: tio.ScalarImage, mask: torch.Tensor,
+               rules: tuple[ChannelNormalization, ...]) -> torch.Tensor:
+    """Each channel by its own rule (a CT channel next to an MR one is normalised differently)."""
+    channels = []
+    for index, (name, rule) in enumerate(zip(names, rules)):
+        channel = tio.ScalarImage(tensor=image.data[index : index + 1].to(torch.float32), affine=image.affine)
+        if rule.scheme == "nonzero_zscore":
+            channels.append(_zscore_inside_mask(case_id, [name], channel, mask))
+        elif rule.scheme == "zscore":
+            channels.append(_zscore(case_id, name, channel))
+        else:
+            channels.append(_ct_normalise(channel.data, rule))
+    return torch.cat(channels).to(torch.float32)
+
+
+def _zscore(case_id: str, name: str, channel: tio.ScalarImage) -> torch.Tensor:
+    """Per-image z-score over the whole image (MR without a background of zeros)."""
+    if channel.data.std() == 0:
+        raise DataError(f"case {case_id}: channel {name} is constant")
+    return tio.ZNormalization()(channel).data
+
+
+def _ct_normalise(data: torch.Tensor, rule: ChannelNormalization) -> torch.Tensor:
+    """Clip to the dataset's foreground percentiles, z-score with its foreground mean and std.
+
+    Hand-written: torchio's ZNormalization z-scores with the image's own statistics,
+    while CT uses the dataset's (Hounsfield units mean the same in every scan).
+    """
+    low, high = rule.clip
+    return (data.clamp(low, high) - rule.mean) / rule.std
 
 
 def _zscore_inside_mask(case_id: str, names: list[str], image: tio.ScalarImage, mask: torch.Tensor) -> torch.Tensor:
@@ -209,7 +267,7 @@ def _zscore_inside_mask(case_id: str, names: list[str], image: tio.ScalarImage, 
     return torch.cat([normalised[key].data for key in keys]).to(torch.float32)
 
 
-def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[np.ndarray, np.ndarray]:
+def bounding_box(mask: torch.Tensor, margin: int) -> tuple[np.ndarray, np.ndarray]:
     """Half-open [start, stop) voxel box of a 3D mask, grown by ``margin`` and clipped."""
     coords = torch.nonzero(mask).numpy()
     start = np.maximum(coords.min(axis=0) - margin, 0)
@@ -223,6 +281,8 @@ def prepare_dataset(
     label_values: Collection[int] | None,
     crop_margin: int,
     progress: bool = True,
+    preprocessing: Preprocessing | None = None,
+    metadata: Mapping[str, dict] | None = None,
 ) -> dict:
     """Preprocess every case into ``out_dir`` (images/, labels/, dataset.json), atomically.
 
@@ -230,6 +290,9 @@ def prepare_dataset(
     ``out_dir`` only once every case succeeded; on any error it is removed and a
     pre-existing ``out_dir`` is left exactly as it was. ``label_values`` may be
     a mapping value -> name (e.g. BRATS_LABELS) to name the labels in dataset.json.
+    ``preprocessing`` is the plan's (default: BraTS's head-mask z-score, see
+    ``preprocess_subject``); ``metadata`` maps further JSON file names (the
+    fingerprint and plan) to their content, written in the same atomic swap.
     Returns the dataset.json content.
     """
     out_dir = Path(out_dir)
@@ -244,9 +307,12 @@ def prepare_dataset(
         (staging / "labels").mkdir()
         entries, seen_labels = {}, set()
         for case in tqdm(cases, desc="prepare", unit="case", disable=not progress):
-            entries[case.case_id] = _prepare_case(case, staging, label_values, crop_margin, seen_labels)
+            entries[case.case_id] = _prepare_case(case, staging, label_values, crop_margin, preprocessing,
+                                                  seen_labels)
         dataset = {"channels": channels, "labels": _label_names(label_values, seen_labels), "cases": entries}
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
+        for name, content in (metadata or {}).items():
+            (staging / name).write_text(json.dumps(content, indent=2))
         _replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -269,9 +335,10 @@ def _common_channels(cases: list[CaseFiles]) -> list[str]:
 
 
 def _prepare_case(
-    case: CaseFiles, staging: Path, label_values: Collection[int] | None, crop_margin: int, seen_labels: set[int]
+    case: CaseFiles, staging: Path, label_values: Collection[int] | None, crop_margin: int,
+    preprocessing: Preprocessing | None, seen_labels: set[int],
 ) -> dict:
-    subject, properties = preprocess_subject(load_case(case, label_values), crop_margin)
+    subject, properties = preprocess_subject(load_case(case, label_values), crop_margin, preprocessing)
     image_rel = f"images/{case.case_id}{IMAGE_SUFFIX}"
     subject["image"].save(staging / image_rel)
     entry = {
@@ -279,6 +346,7 @@ def _prepare_case(
         "label": None,
         "raw_images": {name: str(Path(path).resolve()) for name, path in case.images.items()},
         "raw_label": None,
+        "subset": case.subset,
         "properties": properties,
     }
     if "label" in subject:
@@ -362,9 +430,10 @@ def to_raw_geometry(label_or_probs: torch.Tensor, properties: dict, reference: P
     Integer/bool tensors are label maps (nearest neighbour); floating tensors are
     probabilities (linear) and are 0 outside the crop box, so an argmax there
     picks channel 0. Accepts [C, *spatial] or [*spatial]. Resampling to the raw
-    reference undoes the crop and the reorientation in one step (and any future
-    spacing change), so the result has the raw file's size, spacing, origin and
-    direction.
+    reference undoes the crop, the reorientation and any spacing change in one
+    step, so the result has the raw file's size, spacing, origin and direction.
+    Where preprocessing changed the spacing, map probabilities (nnU-Net's order:
+    interpolate, then argmax on the raw grid), not labels.
     """
     reference = Path(reference)
     if not reference.is_file():
@@ -379,6 +448,11 @@ def to_raw_geometry(label_or_probs: torch.Tensor, properties: dict, reference: P
     affine = np.asarray(properties["preprocessed_affine"], dtype=np.float64)
     if tensor.is_floating_point():
         image: tio.Image = tio.ScalarImage(tensor=tensor.to(torch.float32), affine=affine)
+        if properties.get("resampled"):
+            # torchio floors the resampled size, so the grid can end up to one voxel inside the raw
+            # extent; replicating its border voxel keeps raw border voxels from being extrapolated
+            # as "no class at all" (0 everywhere).
+            image = tio.Pad(1, padding_mode="edge")(image)
     else:
         image = tio.LabelMap(tensor=tensor.to(torch.int64), affine=affine)
     return tio.Resample(target=tio.ScalarImage(reference, reader=read_image_file))(image)

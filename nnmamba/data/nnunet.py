@@ -1,0 +1,95 @@
+"""Reader for the generic nnU-Net v2 / Medical Segmentation Decathlon raw layout.
+
+``<root>/dataset.json``, ``imagesTr/<case>_0000<ending>``, ``_0001``... (one file per
+channel, in ``channel_names`` order), ``labelsTr/<case><ending>``, and optionally
+``imagesTs/`` (+ ``labelsTs/``). ``<ending>`` is the dataset's ``file_ending``: any
+format ITK reads (.nii.gz, .nii, .nrrd, .mha, ...). Like the BraTS reader, only the
+layout is checked here (which files exist); contents are validated on loading.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from nnmamba.data.cases import CaseFiles, RawDataset
+from nnmamba.data.dataset_json import DatasetDescription, read_dataset_json
+from nnmamba.data.errors import DataError
+
+# Image folder -> the split the dataset assigns its cases to. Cases of training and
+# validation folders must be labelled; test cases are labelled only where a labels
+# folder exists (e.g. a challenge's released test labels).
+SUBSET_OF_FOLDER = {"imagesTr": "train", "imagesVa": "val", "imagesTs": "test"}
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def read_nnunet_dataset(root: Path, subsets: Sequence[str] = ("imagesTr",)) -> RawDataset:
+    """Every case of the given image folders, with dataset.json's channel and label names.
+
+    Raises DataError for a missing dataset.json or folder, a file not named
+    ``<case>_XXXX<ending>``, a case missing a channel file, a training case
+    missing its label, or no case at all.
+    """
+    root = Path(root)
+    description = read_dataset_json(root)
+    cases = []
+    for folder in subsets:
+        files = image_files(root, folder, description.file_ending)
+        cases += [_case(root, folder, case_id, channel_files, description)
+                  for case_id, channel_files in _group_channels(files, description).items()]
+    if not cases:
+        raise DataError(f"nnU-Net dataset {root}: no cases in {list(subsets)}")
+    return RawDataset(cases, description.labels, description.channels)
+
+
+def image_files(root: Path, folder: str, file_ending: str) -> list[Path]:
+    """The image files of one folder, sorted; DataError for an unknown or missing folder."""
+    if folder not in SUBSET_OF_FOLDER:
+        raise DataError(f"unknown image folder {folder!r}; known: {sorted(SUBSET_OF_FOLDER)}")
+    directory = Path(root) / folder
+    if not directory.is_dir():
+        raise DataError(f"{directory} does not exist or is not a directory")
+    return sorted(p for p in directory.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
+
+
+def label_file(root: Path, folder: str, case_id: str, file_ending: str) -> Path | None:
+    """The case's label file in the folder's labels twin (imagesTr -> labelsTr).
+
+    Missing labels are an error for training and validation folders and mean
+    "unlabelled" for test folders (None).
+    """
+    path = Path(root) / folder.replace("images", "labels", 1) / f"{case_id}{file_ending}"
+    if path.is_file():
+        return path
+    if SUBSET_OF_FOLDER[folder] == "test":
+        return None
+    raise DataError(f"case {case_id}: label missing, expected file {path}")
+
+
+def _group_channels(files: list[Path], description: DatasetDescription) -> dict[str, dict[int, Path]]:
+    """case id -> {channel index: file}, from ``<case>_XXXX<ending>`` names."""
+    cases: dict[str, dict[int, Path]] = {}
+    for path in files:
+        match = CHANNEL_FILE.match(path.name[: -len(description.file_ending)])
+        if match is None:
+            raise DataError(f"{path}: image files must be named <case>_XXXX{description.file_ending} "
+                            "(XXXX = 4-digit channel index)")
+        channel = int(match["channel"])
+        if channel >= len(description.channels):
+            raise DataError(f"case {match['case']}: {path} is channel {channel:04d} but dataset.json "
+                            f"declares {len(description.channels)} channel(s) {list(description.channels)}")
+        cases.setdefault(match["case"], {})[channel] = path
+    return cases
+
+
+def _case(root: Path, folder: str, case_id: str, channel_files: dict[int, Path],
+          description: DatasetDescription) -> CaseFiles:
+    images = {}
+    for index, name in enumerate(description.channels):
+        if index not in channel_files:
+            expected = Path(root) / folder / f"{case_id}_{index:04d}{description.file_ending}"
+            raise DataError(f"case {case_id}: channel {index:04d} ({name}) missing, expected file {expected}")
+        images[name] = channel_files[index]
+    label = label_file(root, folder, case_id, description.file_ending)
+    return CaseFiles(case_id=case_id, images=images, label=label, subset=SUBSET_OF_FOLDER[folder])

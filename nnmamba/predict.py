@@ -1,0 +1,184 @@
+"""Segment raw images with a trained model: the model's own preprocessing, sliding windows, raw geometry back.
+
+A model bundle's ``prediction.json`` (``nnmamba.checkpoint``) carries the plan the model was trained
+with; a raw case is read and validated like in training, reoriented, normalised, cropped and
+resampled exactly as its training data were, predicted with Gaussian-weighted sliding windows (and
+optional mirror test-time augmentation), and mapped back onto the grid of its first channel file:
+the written label file has the input's size, spacing, origin and direction.
+
+Where preprocessing changed the spacing, the class PROBABILITIES are interpolated back (linear)
+and the argmax is taken on the raw grid, as nnU-Net does; interpolating a label map instead would
+erode thin structures twice. Otherwise the grids coincide voxel for voxel and the label map is
+mapped back directly.
+
+Inputs: a file, or a folder of files. Multi-channel models read nnU-Net names,
+``<case>_0000<ending>``, ``<case>_0001<ending>``... in the model's channel order; a single-channel
+model also takes any image file as one case (AMOS's ``amos_0507.nii.gz``). Outputs are named
+``<case><ending>`` in the input's format.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torchio as tio
+from torch import nn
+from tqdm import tqdm
+
+from nnmamba.data.cases import CaseFiles
+from nnmamba.data.errors import DataError
+from nnmamba.data.plan import Preprocessing
+from nnmamba.data.preprocess import load_case, preprocess_subject, to_raw_geometry
+from nnmamba.inference import sliding_window_predict
+
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+MIRROR_AXES = (0, 1, 2)
+
+
+def file_ending(path: Path) -> str | None:
+    """The image format ending of a file name (``.nii.gz`` counts as one), None for non-images."""
+    return next((ending for ending in IMAGE_ENDINGS if path.name.endswith(ending)), None)
+
+
+def find_input_cases(path: Path, channels: Sequence[str]) -> list[CaseFiles]:
+    """The cases in an input file or folder, each with one file per model channel (in channel order).
+
+    Non-image files in a folder are ignored. Raises DataError for a missing input, no image
+    file, a multi-channel case missing a channel file, or a file a multi-channel model cannot
+    place.
+    """
+    path = Path(path)
+    n_channels = len(channels)
+    if path.is_file():
+        if file_ending(path) is None:
+            raise DataError(f"input {path} is not an image file ({', '.join(IMAGE_ENDINGS)})")
+        case_id, _ = _parse(path, n_channels)
+        candidates = [path] if n_channels == 1 else [
+            p for p in _image_files(path.parent) if p.name.startswith(f"{case_id}_")]
+        cases = {key: found for key, found in _group(candidates, n_channels).items() if key == case_id}
+    elif path.is_dir():
+        cases = _group(_image_files(path), n_channels)
+    else:
+        raise DataError(f"input {path} does not exist")
+    if not cases:
+        raise DataError(f"input {path}: no image file ({', '.join(IMAGE_ENDINGS)}) to predict on")
+    return [_complete_case(case_id, found, channels, path) for case_id, found in sorted(cases.items())]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and file_ending(p))
+
+
+def _parse(path: Path, n_channels: int) -> tuple[str, int]:
+    """(case id, channel index) of one file.
+
+    ``<case>_XXXX`` names channel XXXX of a case; a single-channel model also takes any
+    other name as a whole case (AMOS's ``amos_0507`` is a case, not channel 507).
+    """
+    stem = path.name[: -len(file_ending(path) or "")]
+    match = CHANNEL_SUFFIX.match(stem)
+    if n_channels == 1:
+        return (match["case"], 0) if match and int(match["channel"]) == 0 else (stem, 0)
+    if match is None:
+        raise DataError(f"{path}: a {n_channels}-channel model reads files named <case>_0000{file_ending(path)}, "
+                        "<case>_0001..., one per channel")
+    channel = int(match["channel"])
+    if channel >= n_channels:
+        raise DataError(f"case {match['case']}: {path} is channel {channel:04d} but the model takes "
+                        f"{n_channels} channel(s)")
+    return match["case"], channel
+
+
+def _group(files: list[Path], n_channels: int) -> dict[str, dict[int, Path]]:
+    """case id -> {channel index: file}."""
+    cases: dict[str, dict[int, Path]] = {}
+    for path in files:
+        case_id, channel = _parse(path, n_channels)
+        cases.setdefault(case_id, {})[channel] = path
+    return cases
+
+
+def _complete_case(case_id: str, found: dict[int, Path], channels: Sequence[str], source: Path) -> CaseFiles:
+    images = {}
+    ending = file_ending(next(iter(found.values())))
+    for index, name in enumerate(channels):
+        if index not in found:
+            folder = source if source.is_dir() else source.parent
+            raise DataError(f"case {case_id}: channel {index:04d} ({name}) missing, "
+                            f"expected file {folder / f'{case_id}_{index:04d}{ending}'}")
+        images[name] = found[index]
+    return CaseFiles(case_id, images, None)
+
+
+def segment_preprocessed(
+    model: nn.Module,
+    image: torch.Tensor,
+    properties: dict,
+    reference: Path,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    mirror_axes: Sequence[int] = (),
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> tio.LabelMap:
+    """Label map on the raw grid of ``reference`` from a preprocessed [C, *spatial] image (see module doc)."""
+    probabilities = sliding_window_predict(model, image, patch_size, overlap=overlap, mirror_axes=mirror_axes,
+                                           device=device, amp_dtype=amp_dtype)[0]
+    if properties.get("resampled"):
+        back = to_raw_geometry(probabilities, properties, reference)
+        return tio.LabelMap(tensor=_as_labels(back.data.argmax(dim=0, keepdim=True)), affine=back.affine)
+    back = to_raw_geometry(probabilities.argmax(dim=0), properties, reference)
+    return tio.LabelMap(tensor=_as_labels(back.data), affine=back.affine)
+
+
+def _as_labels(labels: torch.Tensor) -> torch.Tensor:
+    """uint8 where the classes fit (every viewer reads it), int16 otherwise."""
+    return labels.to(torch.uint8 if int(labels.max()) <= torch.iinfo(torch.uint8).max else torch.int16)
+
+
+def predict_case(
+    model: nn.Module,
+    case: CaseFiles,
+    record: dict,
+    device: torch.device | str | None = None,
+    mirror_axes: Sequence[int] = (),
+    overlap: float | None = None,
+) -> tio.LabelMap:
+    """Segment one raw case with the model's plan; the result lies on the grid of the case's first channel."""
+    plan = record["plan"]
+    subject = load_case(case, label_values=None)
+    preprocessed, properties = preprocess_subject(subject, plan["crop_margin"], Preprocessing.from_plan(plan))
+    reference = next(iter(case.images.values()))
+    return segment_preprocessed(model, preprocessed["image"].data, properties, reference, record["patch_size"],
+                                overlap=record["overlap"] if overlap is None else overlap,
+                                mirror_axes=mirror_axes, device=device)
+
+
+def predict_cases(
+    model: nn.Module,
+    record: dict,
+    cases: Sequence[CaseFiles],
+    output_dir: Path,
+    device: torch.device | str | None = None,
+    mirror_axes: Sequence[int] = (),
+    overlap: float | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Segment every case into ``output_dir/<case><ending>``; a file appears only once fully written."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
+        labels = predict_case(model, case, record, device, mirror_axes, overlap)
+        ending = file_ending(next(iter(case.images.values())))
+        target = output_dir / f"{case.case_id}{ending}"
+        partial = output_dir / f".{case.case_id}.partial{ending}"
+        labels.save(partial)
+        os.replace(partial, target)
+        written.append(target)
+    return written

@@ -1,0 +1,148 @@
+"""`nnmamba predict`: raw inputs found, preprocessed with the model's plan, labels written in the input's geometry.
+
+A voxel-wise "oracle" network (class 1 where the normalised CT exceeds a threshold) makes the expected
+output computable by brute force on the raw file with NumPy, so the whole chain (reorientation,
+normalisation, sliding windows, mapping back) is checked voxel for voxel, not just its shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from nnmamba.checkpoint import save_bundle
+from nnmamba.data.errors import DataError
+from nnmamba.data.synthetic_amos import write_synthetic_amos
+from nnmamba.data.synthetic_nnunet import write_synthetic_nnunet
+from nnmamba.models import build_model
+from nnmamba.predict import find_input_cases, predict_cases
+from pipelines.cli import main
+from tests.conftest import REPO
+
+CT_CLIP, CT_MEAN, CT_STD = (-200.0, 400.0), 100.0, 40.0
+THRESHOLD_HU = 80.5  # HU are integers: no voxel sits on the threshold
+
+
+class ThresholdOracle(nn.Module):
+    """Two-class logits from channel 0: class 1 where it exceeds `threshold` (voxel-wise, so windows agree)."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        margin = (x[:, :1] - self.threshold) * 100
+        return torch.cat([-margin, margin], dim=1)
+
+
+def _record(channels: list[str], target_spacing: list[float] | None = None, patch: list[int] | None = None) -> dict:
+    normalization = [{"channel": c, "scheme": "ct", "clip": list(CT_CLIP), "mean": CT_MEAN, "std": CT_STD}
+                     if c == "CT" else {"channel": c, "scheme": "zscore"} for c in channels]
+    return {"task": "segmentation", "channels": channels, "labels": {"0": "background", "1": "bright"},
+            "patch_size": patch or [32, 32, 16], "overlap": 0.5,
+            "plan": {"normalization": normalization, "target_spacing": target_spacing,
+                     "image_interpolation": "linear", "crop_margin": 2}}
+
+
+def _oracle() -> ThresholdOracle:
+    return ThresholdOracle((THRESHOLD_HU - CT_MEAN) / CT_STD)
+
+
+@pytest.fixture(scope="module")
+def mha_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("nnunet_mha")
+    write_synthetic_nnunet(root, n_train=0, n_test=3, field_of_view_mm=(96.0, 80.0, 78.0), spacing=(2.4, 2.4, 6.5),
+                           file_ending=".mha", seed=6)
+    return root / "imagesTs"
+
+
+def _same_geometry(written: Path, reference: Path) -> sitk.Image:
+    ours, theirs = sitk.ReadImage(str(written)), sitk.ReadImage(str(reference))
+    assert ours.GetSize() == theirs.GetSize()
+    for getter in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(ours, getter)(), getattr(theirs, getter)(), atol=1e-5)
+    return ours
+
+
+def test_multi_channel_inputs_are_grouped_by_nnunet_names(mha_inputs: Path, tmp_path: Path) -> None:
+    cases = find_input_cases(mha_inputs, ["CT", "MR"])
+    assert [c.case_id for c in cases] == ["case_000", "case_001", "case_002"]
+    assert cases[1].images == {"CT": mha_inputs / "case_001_0000.mha", "MR": mha_inputs / "case_001_0001.mha"}
+    assert find_input_cases(mha_inputs / "case_002_0001.mha", ["CT", "MR"]) == [cases[2]]
+    folder = Path(shutil.copytree(mha_inputs, tmp_path / "inputs"))
+    (folder / "notes.json").write_text("{}")  # not an image: ignored
+    (folder / "case_001_0001.mha").unlink()
+    with pytest.raises(DataError, match=r"case case_001: channel 0001 \(MR\) missing, expected .*case_001_0001.mha"):
+        find_input_cases(folder, ["CT", "MR"])
+    (folder / "case_000_0000.mha").rename(folder / "case_000.mha")
+    with pytest.raises(DataError, match="case_000.mha: a 2-channel model reads files named <case>_0000.mha"):
+        find_input_cases(folder, ["CT", "MR"])
+    with pytest.raises(DataError, match="no image file"):
+        find_input_cases(_empty(tmp_path), ["CT"])
+    with pytest.raises(DataError, match="does not exist"):
+        find_input_cases(tmp_path / "nowhere", ["CT"])
+
+
+def _empty(tmp_path: Path) -> Path:
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+def test_single_channel_models_take_amos_names(tmp_path: Path) -> None:
+    write_synthetic_amos(tmp_path, {"CT": {"imagesTs": 2}, "MR": {"imagesTs": 1}}, field_of_view_mm=(96, 80, 60))
+    cases = find_input_cases(tmp_path / "imagesTs", ["CT"])
+    assert [c.case_id for c in cases] == ["amos_0001", "amos_0002", "amos_0500"]  # not "amos" channel 0001
+    assert cases[0].images == {"CT": tmp_path / "imagesTs/amos_0001.nii.gz"}
+
+
+def test_labels_match_brute_force_in_the_input_geometry(mha_inputs: Path, tmp_path: Path) -> None:
+    cases = find_input_cases(mha_inputs, ["CT", "MR"])
+    written = predict_cases(_oracle(), _record(["CT", "MR"]), cases, tmp_path / "out", device="cpu", progress=False)
+    assert [p.name for p in written] == ["case_000.mha", "case_001.mha", "case_002.mha"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in written]  # no partial files
+    for case, path in zip(cases, written):
+        ours = _same_geometry(path, case.images["CT"])
+        hu = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images["CT"]))).astype(np.float64)
+        expected = (np.clip(hu, *CT_CLIP) > THRESHOLD_HU).astype(np.uint8)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), expected)
+    mirrored = predict_cases(_oracle(), _record(["CT", "MR"]), cases[:1], tmp_path / "tta", device="cpu",
+                             mirror_axes=(0, 1, 2), progress=False)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(mirrored[0]))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(written[0]))))
+
+
+def test_resampling_plans_map_probabilities_back(mha_inputs: Path, tmp_path: Path) -> None:
+    cases = find_input_cases(mha_inputs, ["CT", "MR"])[:2]
+    record = _record(["CT", "MR"], target_spacing=[1.8, 1.8, 4.0])
+    for case, path in zip(cases, predict_cases(_oracle(), record, cases, tmp_path, device="cpu", progress=False)):
+        ours = _same_geometry(path, case.images["CT"])
+        hu = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images["CT"])))
+        agreement = (sitk.GetArrayFromImage(ours) == (hu > THRESHOLD_HU)).mean()
+        assert agreement > 0.95  # interpolated twice (to 1.8 x 1.8 x 4 mm and back)
+
+
+def test_cli_predicts_with_a_model_bundle(mha_inputs: Path, tmp_path: Path) -> None:
+    arch = {"task": "segmentation", "variant": "miccss", "in_channels": 2, "out_channels": 2,
+            "kwargs": {"base_channels": 4, "blocks_per_stage": 2}}
+    network = build_model("segmentation", "miccss", 2, 2, base_channels=4, blocks_per_stage=2)
+    save_bundle(tmp_path / "bundle", arch, network.state_dict(), _record(["CT", "MR"], patch=[32, 32, 16]))
+    command = [sys.executable, "-m", "pipelines.cli", "predict", "--model", str(tmp_path / "bundle"),
+               "--input", str(mha_inputs / "case_001_0000.mha"), "--output", str(tmp_path / "out"),
+               "--device", "cpu"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1 label file(s)" in result.stdout and "predict" in result.stderr  # tqdm progress on stderr
+    written = tmp_path / "out/case_001.mha"
+    labels = sitk.GetArrayFromImage(_same_geometry(written, mha_inputs / "case_001_0000.mha"))
+    assert set(np.unique(labels)) <= {0, 1}
+    with pytest.raises(SystemExit, match=r"nnmamba predict: input .*missing does not exist"):
+        main([*command[3:7], str(tmp_path / "missing"), *command[8:]])
