@@ -17,6 +17,7 @@ from ray.runtime_env import RuntimeEnv
 from pipelines.cluster import SUBMITTED_JOB_CONFIG_ENV, WORKER_ENV, driver_runtime_env
 from pipelines.config import PRESETS_DIR, REPO_ROOT, load_params, resolve_path, study_config
 from pipelines.tracking import tracking_uri
+from pipelines.train import trial_plan
 
 CONFIGS = REPO_ROOT / "ray_configs"
 LAUNCHERS = ("cluster-aws.yaml", "cluster-onprem.yaml")
@@ -172,3 +173,10 @@ def test_driver_adds_only_the_worker_variables_a_submitted_job_lacks(monkeypatch
     everything = {"runtime_env": {"env_vars": {**WORKER_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}}}
     monkeypatch.setenv(SUBMITTED_JOB_CONFIG_ENV, json.dumps(everything))
     assert driver_runtime_env(config) is None
+
+
+def test_a_workspace_without_prepared_data_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNMAMBA_WORKSPACE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/data/preprocessed/brats2023/dataset.json: .*"
+                                                r"dvc repro split@brats2023.*NNMAMBA_WORKSPACE"):
+        trial_plan(study_config("brats2023"))
