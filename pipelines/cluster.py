@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import ray
 
 # Variables every Ray process must see; NVLink multicast stays off on shared GPU hosts.
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+# Ray's job supervisor hands a submitted job's runtime_env to its driver in this variable (a Ray
+# internal name, read-only here): ray.init refuses a runtime_env that repeats one of its env vars.
+SUBMITTED_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def worker_env(config: dict) -> dict[str, str]:
+    """Environment of every Ray worker: WORKER_ENV plus the scaling preset's `ray.env_vars`."""
+    return {**WORKER_ENV, **{key: str(value) for key, value in config["ray"].get("env_vars", {}).items()}}
+
+
+def submitted_job_env() -> dict[str, str]:
+    """The env_vars of the runtime_env this driver was submitted with (`ray job submit`), else {}."""
+    job_config = json.loads(os.environ.get(SUBMITTED_JOB_CONFIG_ENV) or "{}")
+    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
+
+
+def driver_runtime_env(config: dict) -> dict | None:
+    """The runtime_env this driver passes to ray.init: the worker variables a submitted job lacks.
+
+    Variables the submitted job's runtime_env already sets keep the job's value (Ray refuses a
+    driver runtime_env that repeats them); the others are added to it.
+    """
+    job_env = submitted_job_env()
+    env = {key: value for key, value in worker_env(config).items() if key not in job_env}
+    return {"env_vars": env} if env else None
 
 
 def connect_ray(config: dict) -> None:
@@ -19,10 +46,10 @@ def connect_ray(config: dict) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or config["ray"].get("address")
-    env = dict(WORKER_ENV)
+    runtime_env = driver_runtime_env(config)
     if address and "://" not in address and address not in ("auto", "local"):
         # Ray Train's placement-group cleaner looks actors up by the cluster address; without one it
         # picks the most recently started Ray on the host, and on a host running several clusters
         # (CI, shared machines) it then tears down this job's live trials.
-        env["RAY_ADDRESS"] = address
-    ray.init(address=address, runtime_env={"env_vars": env})
+        runtime_env = {"env_vars": {**(runtime_env or {}).get("env_vars", {}), "RAY_ADDRESS": address}}
+    ray.init(address=address, runtime_env=runtime_env)

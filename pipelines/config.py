@@ -6,6 +6,13 @@ Resolution order (later wins):
 with the active profile (`profile: <name>`, overlay `profiles.<name>`) deep-merged over the whole
 file first. A user switches to the paper's settings with `dvc exp run -S profile=paper`
 (or by editing that one line); DVC tracks `profile` and `profiles`, so the right stages re-run.
+The `ray` section is then filled from its scaling preset (`ray.preset`, a file in
+ray_configs/presets/), keys written in params.yaml winning over the preset's.
+
+Relative paths (params.yaml's and the stages' own data/, models/, metrics/, ...) are taken from
+the workspace: the repository root, or NNMAMBA_WORKSPACE when set. A job submitted with
+`ray job submit --working-dir .` runs on an uploaded copy of the code, so it names the checkout
+(on storage every node sees) that holds the data and receives the outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = REPO_ROOT / "params.yaml"
+PRESETS_DIR = REPO_ROOT / "ray_configs" / "presets"
+WORKSPACE_ENV = "NNMAMBA_WORKSPACE"
 STUDY_SECTIONS = ("dataset", "prepare", "split", "model", "train", "evaluate")
 
 
@@ -45,7 +54,21 @@ def load_params(path: Path = PARAMS_FILE) -> dict:
         if profile not in profiles:
             raise KeyError(f"{path}: profile {profile!r} is not defined under 'profiles' (known: {sorted(profiles)})")
         params = deep_merge(params, profiles[profile])
+    if "ray" in params:
+        params["ray"] = apply_preset(params["ray"])
     return params
+
+
+def apply_preset(ray_section: dict) -> dict:
+    """The `ray` section filled from its named scaling preset; keys set in params.yaml win."""
+    name = ray_section.get("preset")
+    if name is None:
+        return ray_section
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise KeyError(f"params.yaml: ray.preset {name!r} has no file {path} (known presets: {known})")
+    return deep_merge(yaml.safe_load(path.read_text()), ray_section)
 
 
 def study_config(study: str, params: dict | None = None) -> dict:
@@ -63,10 +86,15 @@ def study_config(study: str, params: dict | None = None) -> dict:
     return config
 
 
+def workspace_root() -> Path:
+    """Where relative data paths live: NNMAMBA_WORKSPACE when set, else the repository root."""
+    return Path(os.path.expanduser(os.environ.get(WORKSPACE_ENV) or REPO_ROOT)).resolve()
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
-    """Paths in params.yaml are relative to the repository root unless absolute."""
+    """Paths in params.yaml are relative to the workspace unless absolute."""
     path = Path(os.path.expanduser(str(path)))
-    return path if path.is_absolute() else REPO_ROOT / path
+    return path if path.is_absolute() else workspace_root() / path
 
 
 def config_hash(config: Any) -> str:

@@ -14,17 +14,17 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import REPO_ROOT
+from pipelines.config import resolve_path
 
 TASK_PREFIX = {"segmentation": "seg", "classification": "cls", "landmark": "landmark"}
 
 
 def tracking_uri(config: Mapping) -> str:
-    """MLFLOW_TRACKING_URI wins; a relative sqlite path in params.yaml is taken from the repo root."""
+    """MLFLOW_TRACKING_URI wins; a relative sqlite path in params.yaml is taken from the workspace."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or config["mlflow"]["tracking_uri"]
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(REPO_ROOT / uri[len(prefix):])
+        uri = prefix + str(resolve_path(uri[len(prefix):]))
     return uri
 
 

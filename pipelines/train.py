@@ -5,9 +5,12 @@ Metrics flow worker -> Tune -> this driver, which alone writes MLflow (parent ru
 ablation, one child run per trial). Afterwards the best checkpoint of every trial (by validation
 score) is exported to `models/<study>/<variant>-seed<seed>/` and logged as an MLflow model.
 
-Local Ray by default; `RAY_ADDRESS` (or `ray.address` in params.yaml) selects a cluster.
+Local Ray by default; `RAY_ADDRESS` (or `ray.address` in params.yaml) selects a cluster, and
+`ray.preset` the scale (ray_configs/presets/). On a cluster, submit it as a Ray job
+(README, "Running on a cluster"):
 
     python -m pipelines.train brats2023
+    ray job submit ... --working-dir . -- NNMAMBA_WORKSPACE=$PWD python -m pipelines.train brats2023
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, load_bundle, save_bundle
 from nnmamba.tasks import get_task
 from pipelines.cluster import connect_ray
-from pipelines.config import config_hash, git_commit, resolve_path, study_config, write_json
+from pipelines.config import (
+    WORKSPACE_ENV, config_hash, git_commit, resolve_path, study_config, workspace_root, write_json,
+)
 from pipelines.prepare import PREPROCESSED_ROOT
 from pipelines.resolve import load_plan, resolve_study
 from pipelines.split import SPLITS_ROOT
@@ -44,8 +49,15 @@ def trial_plan(config: dict) -> dict:
     """Everything a trial needs that does not depend on (variant, seed): paths, split, architecture."""
     study = config["study"]
     dataset_dir = resolve_path(PREPROCESSED_ROOT) / study
+    split_file = resolve_path(SPLITS_ROOT) / f"{study}.json"
+    for needed in (dataset_dir / "dataset.json", split_file):
+        if not needed.is_file():
+            raise FileNotFoundError(
+                f"{needed}: study {study!r} has no prepared data in workspace {workspace_root()}; run "
+                f"`dvc repro split@{study}` there, or set {WORKSPACE_ENV} to the checkout that holds data/"
+            )
     index = json.loads((dataset_dir / "dataset.json").read_text())
-    split = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())
+    split = json.loads(split_file.read_text())
     return {
         "config": config,
         "dataset_dir": str(dataset_dir),
@@ -71,12 +83,14 @@ def prediction_record(config: dict, index: dict) -> dict | None:
             "patch_size": config["train"]["patch_size"], "overlap": config["evaluate"]["overlap"]}
 
 
-def run_trial(trial: dict) -> None:
-    """A Tune function trainable: one Ray Train run for one (variant, seed); resumes by run name."""
+def build_trainer(trial: dict, callbacks: list) -> TorchTrainer:
+    """The Ray Train run of one (variant, seed): DDP workers, placement, storage and failure policy from params.
+
+    A run with the same name and storage path restores that run's latest checkpoint.
+    """
     config = trial["config"]
     ray_cfg, task = config["ray"], get_task(config["task"])
-    metric = task.selection_metric
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config=trial,
         scaling_config=ray.train.ScalingConfig(
@@ -90,12 +104,19 @@ def run_trial(trial: dict) -> None:
             storage_path=trial["storage_path"],
             failure_config=ray.train.FailureConfig(max_failures=ray_cfg["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=task.selection_mode
+                num_to_keep=1, checkpoint_score_attribute=task.selection_metric,
+                checkpoint_score_order=task.selection_mode,
             ),
-            callbacks=[TuneReportCallback()],
+            callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+
+
+def run_trial(trial: dict) -> None:
+    """A Tune function trainable: one Ray Train run for one (variant, seed); resumes by run name."""
+    task = get_task(trial["config"]["task"])
+    metric = task.selection_metric
+    result = build_trainer(trial, [TuneReportCallback()]).fit()
     better = max if task.selection_mode == "max" else min
     best_checkpoint, best_metrics = better(result.best_checkpoints, key=lambda pair: pair[1][metric])
     ray.tune.report({"best_checkpoint_path": best_checkpoint.path, f"best_{metric}": best_metrics[metric],
@@ -162,12 +183,12 @@ def train(study: str) -> list[dict]:
     identity["train"] = {k: v for k, v in train_cfg.items() if k not in ("variants", "seeds")}
     identity["plan"] = load_plan(study)  # a new plan (spacing, normalisation) must not resume old trials
     digest = config_hash(identity)
+    plan = trial_plan(config)
     runs = StudyRuns(config, digest)
     params = {**flatten({"train": train_cfg, "model": config["model"]}), "git_commit": git_commit()}
     parent_id = runs.parent(params)
     connect_ray(config)
 
-    plan = trial_plan(config)
     storage = config["ray"]["storage_path"]
     storage = storage if "://" in storage else str(resolve_path(storage))
     param_space = {
@@ -181,7 +202,8 @@ def train(study: str) -> list[dict]:
     tuner = ray.tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=config["ray"]["max_concurrent_trials"]),
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=config["ray"]["max_concurrent_trials"],
+                                        reuse_actors=config["ray"].get("reuse_actors", False)),
         run_config=ray.tune.RunConfig(
             name=f"{study}-{digest}-tune",
             storage_path=storage,
@@ -225,11 +247,16 @@ def write_curves(runs: StudyRuns, rows: list[dict], metric: str, path: Path) -> 
     pd.concat(frames).to_csv(path, index=False)
 
 
-def _trial_entry(trial: dict) -> None:
-    """Name the trial's Ray Train run by study, variant, seed and config digest, so a re-run resumes it."""
+def resolve_trial(trial: dict) -> dict:
+    """One grid point made runnable: its Ray Train run named by study, variant, seed and config
+    digest (so a re-run resumes it), and the variant put into the architecture record."""
     variant, seed = trial["variant"], trial["seed"]
     run_name = f"{trial['config']['study']}-{variant}-seed{seed}-{trial['digest']}"
-    run_trial({**trial, "run_name": run_name, "arch": {**trial["arch"], "variant": variant}})
+    return {**trial, "run_name": run_name, "arch": {**trial["arch"], "variant": variant}}
+
+
+def _trial_entry(trial: dict) -> None:
+    run_trial(resolve_trial(trial))
 
 
 def main() -> None:

@@ -58,7 +58,20 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.d
     return state
 
 
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm statistics), the ones its checkpoint saves."""
+    if _distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _validate(task: TrainingTask, model: nn.Module, trial: dict, device: torch.device, dtype) -> dict[str, float]:
+    """Validation sharded over the workers, on the unwrapped model.
+
+    Each worker sees a different number of cases and sliding windows, so the DDP wrapper, whose
+    every forward broadcasts buffers collectively, would leave the workers waiting on each other.
+    """
+    _broadcast_buffers(model)
     context = ray.train.get_context()
     mine = trial["val_cases"][context.get_world_rank()::context.get_world_size()]
     records = task.validate(model, Path(trial["dataset_dir"]), mine, trial["config"], device, dtype)
@@ -101,7 +114,7 @@ def train_loop(trial: dict) -> None:
         loss = train_epoch(model, batches, loss_fn, optimizer, train["steps_per_epoch"], device, dtype,
                            train["channels_last"], captured)
         if not val_metrics or (epoch + 1) % train["val_every"] == 0 or epoch + 1 == train["epochs"]:
-            val_metrics = _validate(task, model, trial, device, dtype)
+            val_metrics = _validate(task, bare, trial, device, dtype)
         score = val_metrics[task.selection_metric]
         best = score if best is None else better(best, score)
         metrics = {"epoch": epoch + 1, "train_loss": _mean_over_workers(loss, device), **val_metrics,

@@ -15,7 +15,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ("nnmamba", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
+PROJECT_FILES = ("nnmamba", "pipelines", "ray_configs", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
 
 
 def free_port() -> int:
@@ -33,12 +33,16 @@ def ray_cluster(tmp_path_factory) -> dict:
     """
     port, dashboard = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
+    # The token in ~/.ray/auth_token (created when missing) turns token authentication on.
+    subprocess.run([BIN / "ray", "get-auth-token", "--generate"], check=True, capture_output=True)
     log = temp_dir / "ray_start.log"
     with log.open("w") as output:
         head = subprocess.Popen(
             [BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
             stdout=output, stderr=subprocess.STDOUT,
+            # The venv first on PATH, as after `source .venv/bin/activate`: job entrypoints run `python`.
+            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"},
         )
     _wait_for_head(head, log)
     address = f"127.0.0.1:{port}"
@@ -101,3 +105,24 @@ def run_in(root: Path, *command, env: dict | None = None, timeout: int = 900) ->
     if result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+# A tiny study for the cluster tests: one trial (variant mic, seed 0) of four short epochs.
+CLUSTER_STUDY = {
+    "synthetic": {"brats2023": {"n_cases": 5, "shape": [48, 48, 32]}},
+    "split": {"val": 1, "test": 1},
+    "model": {"base_channels": 4, "blocks_per_stage": 2},
+    "train": {"variants": ["mic"], "seeds": [0], "epochs": 4, "steps_per_epoch": 4, "samples_per_volume": 2,
+              "queue_length": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def cluster_project(tmp_path_factory) -> dict:
+    """The code (a git repo, as `ray job submit --working-dir` uploads it) and a separate workspace,
+    standing in for shared storage, where the real stages prepared the tiny study's data."""
+    code = write_project(tmp_path_factory.mktemp("code"), CLUSTER_STUDY)
+    workspace = tmp_path_factory.mktemp("workspace")
+    for stage in ("synthesize", "prepare", "split"):
+        run_in(code, "python", "-m", f"pipelines.{stage}", "brats2023", env={"NNMAMBA_WORKSPACE": str(workspace)})
+    return {"code": code, "workspace": workspace, "overrides": CLUSTER_STUDY}
