@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnmamba.data.adni import ADNI_CHANNELS, ADNI_LABELS, find_adni_cases
 from nnmamba.data.brats import BRATS_LABELS, BRATS_MODALITIES, find_brats_cases
 from nnmamba.data.cases import CaseFiles
 
@@ -32,6 +33,12 @@ def _write_synthetic_brats(root: Path, **kwargs) -> list[str]:
     return write_synthetic_brats(root, **kwargs)
 
 
+def _write_synthetic_adni(root: Path, **kwargs) -> list[str]:
+    from nnmamba.data.synthetic_adni import write_synthetic_adni
+
+    return write_synthetic_adni(root, **kwargs)
+
+
 def _brats_patient(case_id: str) -> str:
     """BraTS-GLI-<patient>-<timepoint>: timepoints of one patient must stay in one split."""
     return case_id.rsplit("-", 1)[0]
@@ -41,6 +48,9 @@ LAYOUTS: dict[str, Layout] = {
     "brats2023": Layout(
         "brats2023", find_brats_cases, BRATS_LABELS, BRATS_MODALITIES, _write_synthetic_brats, _brats_patient
     ),
+    # Image-level labels: `labels` are the diagnoses a manifest may use; the subject of each case
+    # comes from the manifest (ClassifiedCase.subject), so splits do not need `patient_of`.
+    "adni": Layout("adni", find_adni_cases, ADNI_LABELS, ADNI_CHANNELS, _write_synthetic_adni),
 }
 
 

@@ -246,7 +246,7 @@ def prepare_dataset(
             entries[case.case_id] = _prepare_case(case, staging, label_values, crop_margin, seen_labels)
         dataset = {"channels": channels, "labels": _label_names(label_values, seen_labels), "cases": entries}
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
-        _replace_directory(staging, out_dir)
+        replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -297,7 +297,7 @@ def _label_names(label_values: Collection[int] | None, seen_labels: set[int]) ->
     return {str(v): str(v) for v in values}
 
 
-def _replace_directory(new: Path, target: Path) -> None:
+def replace_directory(new: Path, target: Path) -> None:
     """Rename ``new`` onto ``target``; an existing ``target`` is restored if the swap fails.
 
     rename(2) cannot replace a non-empty directory, hence the move-aside.
