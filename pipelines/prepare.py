@@ -1,6 +1,7 @@
 """DVC stage `prepare@<study>`: read the raw dataset, validate every case, preprocess, write atomically.
 
-Output: `data/preprocessed/<study>/` (images/, labels/, dataset.json). Any bad case stops the stage
+Output: `data/preprocessed/<study>/` (images/, labels/, dataset.json); for classification, whole
+volumes of one shape and spacing with each case's class in dataset.json. Any bad case stops the stage
 with one error naming the case and the problem; an earlier output stays as it was.
 
     python -m pipelines.prepare brats2023
@@ -14,6 +15,7 @@ import sys
 from nnmamba.data.errors import DataError
 from nnmamba.data.layouts import get_layout
 from nnmamba.data.preprocess import prepare_dataset
+from nnmamba.data.whole_volume import prepare_classification_dataset
 from pipelines.config import resolve_path, study_config
 
 PREPROCESSED_ROOT = "data/preprocessed"
@@ -26,8 +28,12 @@ def prepare(study: str) -> dict:
     layout = get_layout(dataset["layout"])
     cases = layout.find_cases(resolve_path(dataset["root"]))
     out_dir = resolve_path(PREPROCESSED_ROOT) / study
-    index = prepare_dataset(cases, out_dir, label_values=layout.labels, crop_margin=config["prepare"]["crop_margin"])
-    print(f"prepare: {len(cases)} cases of {study} -> {out_dir}")
+    spec = config["prepare"]
+    if config["task"] == "classification":
+        index = prepare_classification_dataset(cases, out_dir, dataset["classes"], spec["spacing"], spec["shape"])
+    else:
+        index = prepare_dataset(cases, out_dir, label_values=layout.labels, crop_margin=spec["crop_margin"])
+    print(f"prepare: {len(index['cases'])} cases of {study} -> {out_dir}")
     return index
 
 

@@ -2,7 +2,9 @@
 
 For a segmentation study: a markdown table in the shape of the paper's Table 1 (Dice and HD95
 per region, mean ± std over seeds, one row per ablation variant), the same for NSD, and a PNG bar
-chart with error bars. Tables are also attached to the study's MLflow parent run.
+chart with error bars. For the classification studies of a dataset: one table in the shape of the
+paper's Table 3 (ACC, F1, AUC of each study side by side, e.g. NC vs AD and sMCI vs pMCI) and a
+ROC curve PNG per study. Tables are also attached to the studies' MLflow parent runs.
 
     python -m pipelines.report
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -18,8 +21,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
 
 from pipelines.config import load_params, resolve_path, study_config  # noqa: E402
+from pipelines.evaluate import probability_columns  # noqa: E402
 from pipelines.tracking import StudyRuns  # noqa: E402
 from pipelines.train import METRICS_ROOT, MODELS_ROOT  # noqa: E402
 
@@ -96,11 +102,79 @@ def report_study(study: str, out_dir: Path) -> Path | None:
     return table
 
 
+CLASSIFICATION_METRICS = {"test_acc": "ACC", "test_f1": "F1", "test_auc": "AUC"}
+
+
+def classification_table(dataset: str, results: dict[str, dict]) -> str:
+    """Table 3 shape: one row per variant, ACC/F1/AUC (%) of each study (`results[title] = summary`) side by side."""
+    variants = list(dict.fromkeys(v for summary in results.values() for v in summary))
+    header = ["Method"] + [f"{title} {name}" for title in results for name in CLASSIFICATION_METRICS.values()]
+    rows = [
+        [VARIANT_LABELS.get(v, v)]
+        + [cell(summary[v][metric], 100) if v in summary else "–" for summary in results.values()
+           for metric in CLASSIFICATION_METRICS]
+        for v in variants
+    ]
+    return (f"## {dataset}: classification, ACC / F1 / AUC (%), mean ± std over seeds\n\n"
+            + markdown_table(header, rows))
+
+
+def roc_chart(title: str, per_case: pd.DataFrame, summary: dict, path: Path) -> None:
+    """ROC curves of every (variant, seed) on the test split; positive class = the last class."""
+    columns = probability_columns(per_case)
+    positive, positive_index = columns[-1], len(columns) - 1
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for colour, (variant, frame) in zip(plt.cm.tab10.colors, per_case.groupby("variant")):
+        auc = summary[variant]["test_auc"]
+        for number, (_, seed_frame) in enumerate(frame.groupby("seed")):
+            fpr, tpr, _ = roc_curve(seed_frame["target"] == positive_index, seed_frame[positive])
+            label = f"{VARIANT_LABELS.get(variant, variant)} (AUC {cell(auc, 100)})" if number == 0 else None
+            ax.plot(fpr, tpr, color=colour, alpha=0.8, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel(f"true positive rate ({positive.removeprefix('p_')})")
+    ax.set_title(f"{title}: test ROC, one curve per seed")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def classification_reports(studies: list[str], out_dir: Path) -> list[Path]:
+    """One Table 3-shaped table per dataset over its evaluated classification studies, a ROC PNG per study."""
+    results: dict[str, dict[str, dict]] = defaultdict(dict)
+    parents: dict[str, list[tuple[StudyRuns, str, Path]]] = defaultdict(list)
+    for study in studies:
+        metrics_dir = resolve_path(METRICS_ROOT) / study
+        if not (metrics_dir / "test_summary.json").is_file():
+            continue
+        config = study_config(study)
+        summary = json.loads((metrics_dir / "test_summary.json").read_text())
+        title = " vs ".join(config["dataset"]["classes"])
+        roc = out_dir / f"{study}_roc.png"
+        roc_chart(title, pd.read_csv(metrics_dir / "test_per_case.csv"), summary, roc)
+        dataset = config["dataset"]["name"]
+        results[dataset][title] = summary
+        trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
+        parents[dataset].append((StudyRuns(config, trials["config_hash"]), trials["parent_run_id"], roc))
+    tables = []
+    for dataset, by_title in results.items():
+        table = out_dir / f"{dataset}_classification_table.md"
+        table.write_text(classification_table(dataset, by_title))
+        for runs, parent_id, roc in parents[dataset]:
+            for artifact in (table, roc):
+                runs.client.log_artifact(parent_id, str(artifact), artifact_path="report")
+        tables.append(table)
+    return tables
+
+
 def report() -> list[Path]:
     """Reports for every study in params.yaml that has test results."""
     out_dir = resolve_path(REPORTS_ROOT)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = [t for study in load_params()["studies"] if (t := report_study(study, out_dir))]
+    studies = load_params()["studies"]
+    tables = [t for study in studies if studies[study]["task"] == "segmentation" and (t := report_study(study, out_dir))]
+    tables += classification_reports([s for s in studies if studies[s]["task"] == "classification"], out_dir)
     for table in tables:
         print(table.read_text())
     return tables
