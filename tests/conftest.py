@@ -40,8 +40,12 @@ def ray_cluster(tmp_path_factory) -> dict:
     subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
 
 
-def write_project(root: Path, overrides: dict) -> Path:
-    """Copy the project's code and pipeline into `root` as a fresh git+DVC repo, params overridden."""
+def write_project(root: Path, overrides: dict, studies: tuple[str, ...] | None = None) -> Path:
+    """Copy the project's code and pipeline into `root` as a fresh git+DVC repo, params overridden.
+
+    `studies` keeps only those studies (and the synthetic datasets they read), so a test's
+    `dvc repro` runs its own task's stages, not every study in params.yaml.
+    """
     from pipelines.config import deep_merge
 
     for name in PROJECT_FILES:
@@ -51,6 +55,10 @@ def write_project(root: Path, overrides: dict) -> Path:
         else:
             shutil.copy(source, root / name)
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+    if studies is not None:
+        params["studies"] = {name: params["studies"][name] for name in studies}
+        synthetic = {study["dataset"]["synthetic"] for study in params["studies"].values()}
+        params["synthetic"] = {name: spec for name, spec in params["synthetic"].items() if name in synthetic}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"],
                     [BIN / "dvc", "config", "core.analytics", "false"]):

@@ -8,7 +8,6 @@ weights of the same variant and seed exactly: that shows the transfer, not just 
 from __future__ import annotations
 
 import json
-import subprocess
 
 import mlflow
 import numpy as np
@@ -44,13 +43,7 @@ STUDIES = ("adni_ad", "adni_mci")
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory, ray_cluster):
-    root = write_project(tmp_path_factory.mktemp("project"), TINY)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["studies"] = {name: params["studies"][name] for name in STUDIES}  # the classification studies only
-    params["synthetic"] = {"adni": params["synthetic"]["adni"]}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "adni only"], cwd=root,
-                   check=True)
+    root = write_project(tmp_path_factory.mktemp("project"), TINY, studies=STUDIES)
     run_in(root, "dvc", "repro", env=ray_cluster["env"])
     return root, ray_cluster["env"]
 

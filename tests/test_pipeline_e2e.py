@@ -29,7 +29,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory, ray_cluster):
-    root = write_project(tmp_path_factory.mktemp("project"), TINY)
+    root = write_project(tmp_path_factory.mktemp("project"), TINY, studies=("brats2023",))
     env = ray_cluster["env"]
     run_in(root, "dvc", "repro", env=env)
     return root, env
