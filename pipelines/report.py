@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -140,30 +139,32 @@ def roc_chart(title: str, per_case: pd.DataFrame, summary: dict, path: Path) -> 
     plt.close(fig)
 
 
+def classification_study(study: str, out_dir: Path) -> dict | None:
+    """Write a classification study's ROC chart; return what its dataset's table needs (None if not evaluated)."""
+    metrics_dir = resolve_path(METRICS_ROOT) / study
+    if not (metrics_dir / "test_summary.json").is_file():
+        return None
+    config = study_config(study)
+    summary = json.loads((metrics_dir / "test_summary.json").read_text())
+    title = " vs ".join(config["dataset"]["classes"])
+    roc = out_dir / f"{study}_roc.png"
+    roc_chart(title, pd.read_csv(metrics_dir / "test_per_case.csv"), summary, roc)
+    trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
+    return {"dataset": config["dataset"]["name"], "title": title, "summary": summary, "roc": roc,
+            "runs": StudyRuns(config, trials["config_hash"]), "parent_id": trials["parent_run_id"]}
+
+
 def classification_reports(studies: list[str], out_dir: Path) -> list[Path]:
     """One Table 3-shaped table per dataset over its evaluated classification studies, a ROC PNG per study."""
-    results: dict[str, dict[str, dict]] = defaultdict(dict)
-    parents: dict[str, list[tuple[StudyRuns, str, Path]]] = defaultdict(list)
-    for study in studies:
-        metrics_dir = resolve_path(METRICS_ROOT) / study
-        if not (metrics_dir / "test_summary.json").is_file():
-            continue
-        config = study_config(study)
-        summary = json.loads((metrics_dir / "test_summary.json").read_text())
-        title = " vs ".join(config["dataset"]["classes"])
-        roc = out_dir / f"{study}_roc.png"
-        roc_chart(title, pd.read_csv(metrics_dir / "test_per_case.csv"), summary, roc)
-        dataset = config["dataset"]["name"]
-        results[dataset][title] = summary
-        trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
-        parents[dataset].append((StudyRuns(config, trials["config_hash"]), trials["parent_run_id"], roc))
+    evaluated = [result for study in studies if (result := classification_study(study, out_dir))]
     tables = []
-    for dataset, by_title in results.items():
+    for dataset in dict.fromkeys(result["dataset"] for result in evaluated):
+        results = [result for result in evaluated if result["dataset"] == dataset]
         table = out_dir / f"{dataset}_classification_table.md"
-        table.write_text(classification_table(dataset, by_title))
-        for runs, parent_id, roc in parents[dataset]:
-            for artifact in (table, roc):
-                runs.client.log_artifact(parent_id, str(artifact), artifact_path="report")
+        table.write_text(classification_table(dataset, {r["title"]: r["summary"] for r in results}))
+        for result in results:
+            for artifact in (table, result["roc"]):
+                result["runs"].client.log_artifact(result["parent_id"], str(artifact), artifact_path="report")
         tables.append(table)
     return tables
 
@@ -173,8 +174,9 @@ def report() -> list[Path]:
     out_dir = resolve_path(REPORTS_ROOT)
     out_dir.mkdir(parents=True, exist_ok=True)
     studies = load_params()["studies"]
-    tables = [t for study in studies if studies[study]["task"] == "segmentation" and (t := report_study(study, out_dir))]
-    tables += classification_reports([s for s in studies if studies[s]["task"] == "classification"], out_dir)
+    of_task = {task: [s for s in studies if studies[s]["task"] == task] for task in ("segmentation", "classification")}
+    tables = [t for study in of_task["segmentation"] if (t := report_study(study, out_dir))]
+    tables += classification_reports(of_task["classification"], out_dir)
     for table in tables:
         print(table.read_text())
     return tables

@@ -34,6 +34,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from nnmamba.checkpoint import WEIGHTS_FILE, load_bundle, save_bundle
 from nnmamba.data.layouts import get_layout
+from nnmamba.models import available_variants
 from nnmamba.tasks import get_task
 from pipelines.cluster import connect_ray
 from pipelines.config import config_hash, git_commit, resolve_path, study_config, write_json
@@ -193,6 +194,10 @@ def train(study: str) -> list[dict]:
     """Run the study's ablation grid and export its models; returns one summary row per trial."""
     config = study_config(study)
     train_cfg, metric = config["train"], get_task(config["task"]).selection_metric
+    unknown = [v for v in train_cfg["variants"] if v not in available_variants(config["task"])]
+    if unknown:
+        raise ValueError(f"study {study}: variants {unknown} are not {config['task']} variants "
+                         f"(known: {list(available_variants(config['task']))}); set studies.{study}.train.variants")
     identity = {k: config[k] for k in ("dataset", "prepare", "split", "model")}
     identity["train"] = {k: v for k, v in train_cfg.items() if k not in ("variants", "seeds")}
     identity["init"] = {"from": config["init"], "weights": init_fingerprint(config)}

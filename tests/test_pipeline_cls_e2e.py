@@ -27,16 +27,16 @@ SEEDS = [0, 1]
 EPOCHS = 2
 TEST_CASES = 4
 SMALL_VOLUMES = {"prepare": {"spacing": [3.0, 3.0, 3.0], "shape": [16, 16, 16]}}
+GRID = {"variants": VARIANTS, "seeds": SEEDS, "epochs": EPOCHS, "steps_per_epoch": 2}
 TINY = {
     "synthetic": {"adni": {"subjects": {"NC": 5, "AD": 5, "sMCI": 5, "pMCI": 5}, "shape": [32, 32, 24],
                            "spacing": [1.5, 1.5, 2.0]}},
     "studies": {
-        "adni_ad": {**SMALL_VOLUMES, "split": {"val": 2, "test": TEST_CASES}},
+        "adni_ad": {**SMALL_VOLUMES, "split": {"val": 2, "test": TEST_CASES}, "train": GRID},
         "adni_mci": {**SMALL_VOLUMES, "split": {"val": 0, "test": TEST_CASES},
-                     "train": {"optimizer": {"lr": 0.0}}},
+                     "train": {**GRID, "optimizer": {"lr": 0.0}}},
     },
     "model": {"base_channels": 4, "blocks_per_stage": 1},
-    "train": {"variants": VARIANTS, "seeds": SEEDS, "epochs": EPOCHS, "steps_per_epoch": 2},
 }
 STUDIES = ("adni_ad", "adni_mci")
 
