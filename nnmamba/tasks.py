@@ -90,10 +90,13 @@ def classification_loader(dataset_dir: Path, index: dict, case_ids: list[str], t
     Ranks take the cases round robin. Unequal shares are fine: the training loop draws a fixed
     number of steps per epoch from a cycled loader, so every rank steps (and all-reduces) in time.
     """
+    mine = case_ids[rank::world_size]
+    if not mine:
+        raise ValueError(f"{len(case_ids)} training cases cannot be shared by {world_size} workers")
     subjects = [
         tio.Subject(image=tio.ScalarImage(dataset_dir / index["cases"][c]["image"]),
                     target=index["cases"][c]["class_index"], case_id=c)
-        for c in case_ids[rank::world_size]
+        for c in mine
     ]
     dataset = tio.SubjectsDataset(subjects, transform=augmentation_transform(train["augmentation"]))
     rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])

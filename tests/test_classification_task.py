@@ -46,6 +46,8 @@ def test_loader_batches_whole_volumes_with_their_class_and_shards_ranks(prepared
             assert batch["label"].tolist() == [index["cases"][c]["class_index"] for c in batch["case_id"]]
         seen.append(sorted(c for batch in batches for c in batch["case_id"]))
     assert sorted(seen[0] + seen[1]) == case_ids and not set(seen[0]) & set(seen[1])
+    with pytest.raises(ValueError, match="2 training cases cannot be shared by 3 workers"):
+        task.train_loader(prepared, index, case_ids[:2], TRAIN, seed=3, rank=2, world_size=3)
 
 
 def test_loader_order_and_augmentation_depend_only_on_the_seed(prepared):

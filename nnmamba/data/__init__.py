@@ -1,7 +1,8 @@
 """Data: raw-layout readers, synthetic generators, preprocessing and patch sampling.
 
-Layout-specific modules (``brats``, ``synthetic``) produce :class:`CaseFiles`;
-layout-agnostic modules (``preprocess``, ``sampling``) consume them. Import the
+Layout-specific modules (``brats``, ``synthetic``; ``adni``, ``synthetic_adni``) produce
+:class:`CaseFiles` (``ClassifiedCase`` for image-level labels); layout-agnostic modules
+(``preprocess``, ``sampling``; ``whole_volume`` for classification) consume them. Import the
 submodules directly; this package only re-exports the two types every layer shares,
 so importing it stays cheap (no torchio import).
 """
