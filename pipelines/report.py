@@ -9,6 +9,8 @@ landmark and averaged, mean ± std over seeds) and a PNG of predicted vs true po
 orthogonal slices of a test case. Tables and plots are also attached to the study's MLflow parent run.
 For the classification studies of a dataset: one table in the shape of the paper's Table 3 (ACC,
 F1, AUC of each study side by side, e.g. NC vs AD and sMCI vs pMCI) and a ROC curve PNG per study.
+Across tasks: the paper's Table 5 (`report.ablation` names the study of each task) as markdown and
+PNG (pipelines/report_ablation.py).
 
     python -m pipelines.report
 """
@@ -37,23 +39,13 @@ from pipelines.evaluate import PREDICTIONS_ROOT, probability_columns  # noqa: E4
 from pipelines.prepare import PREPROCESSED_ROOT  # noqa: E402
 from pipelines.report_organs import PAPER_PATCH, organ_groups, test_set_label, variant_complexity  # noqa: E402
 from pipelines.report_overlays import overlay_figure  # noqa: E402
+from pipelines.report_ablation import ablation_report  # noqa: E402
 from pipelines.resolve import resolve_study  # noqa: E402
+from pipelines.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
 from pipelines.tracking import StudyRuns  # noqa: E402
 from pipelines.train import METRICS_ROOT, MODELS_ROOT  # noqa: E402
 
 REPORTS_ROOT = "reports"
-VARIANT_LABELS = {"baseline": "Baseline", "mic": "+MIC", "miccss": "+MICCSS", "sequence": "+Sequence"}
-
-
-def cell(stats: dict, scale: float = 1.0) -> str:
-    """`mean ± std`, two decimals, as the paper prints them."""
-    return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def segmentation_tables(study: str, summary: dict, regions: list[str]) -> str:
@@ -290,6 +282,18 @@ def classification_reports(studies: list[str], out_dir: Path) -> list[Path]:
     return tables
 
 
+def attach_to_parent_runs(studies: list[str], files: list[Path]) -> None:
+    """Log report files shared by several studies into each trained study's MLflow parent run."""
+    for study in studies:
+        trials_file = resolve_path(MODELS_ROOT) / study / "trials.json"
+        if not trials_file.is_file():
+            continue
+        trials = json.loads(trials_file.read_text())
+        runs = StudyRuns(study_config(study), trials["config_hash"])
+        for path in files:
+            runs.client.log_artifact(trials["parent_run_id"], str(path), artifact_path="report")
+
+
 def report() -> list[Path]:
     """Reports for every study in params.yaml that has test results."""
     out_dir = resolve_path(REPORTS_ROOT)
@@ -300,11 +304,12 @@ def report() -> list[Path]:
         table = out_dir / f"{group}_table2.md"
         table.write_text(organ_table(group, members))
         tables.append(table)
-        for study in members:
-            trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
-            StudyRuns(study_config(study), trials["config_hash"]).client.log_artifact(
-                trials["parent_run_id"], str(table), artifact_path="report")
+        attach_to_parent_runs(members, [table])
     tables += classification_reports([s for s in studies if studies[s]["task"] == "classification"], out_dir)
+    ablation_studies = load_params()["report"]["ablation"]
+    ablation = ablation_report(ablation_studies, out_dir)
+    attach_to_parent_runs([s for s in ablation_studies.values() if s in studies], ablation)
+    tables += ablation[:1]
     for table in tables:
         print(table.read_text())
     return tables

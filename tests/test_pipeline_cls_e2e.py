@@ -157,3 +157,13 @@ def test_report_puts_both_tasks_side_by_side(repro):
     assert row.rstrip(" |").endswith(f"{auc['mean'] * 100:.2f} ± {auc['std'] * 100:.2f}")
     for study in STUDIES:
         assert (root / f"reports/{study}_roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table5_takes_the_auc_column_from_adni_ad(repro):
+    root, _ = repro
+    table = (root / "reports/ablation_table5.md").read_text()
+    summary = json.loads((root / "metrics/adni_ad/test_summary.json").read_text())
+    auc = summary["sequence"]["test_auc"]
+    row = next(line for line in table.splitlines() if "| +Sequence |" in line)
+    assert row.rstrip(" |").endswith(f"{auc['mean'] * 100:.2f} ± {auc['std'] * 100:.2f}")
+    assert (root / "reports/ablation_table5.png").read_bytes()[:4] == b"\x89PNG"
