@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _common import REPO, code_version, machine
 
-PROJECT_FILES = ("nnmamba", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
+PROJECT_FILES = ("nnmamba", "pipelines", "ray_configs", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
 STAGE_LINE = re.compile(r"Running stage '(?P<stage>[^']+)'")
 
 
