@@ -136,6 +136,7 @@ def build_trainer(trial: dict, callbacks: list) -> TorchTrainer:
     """
     config = trial["config"]
     ray_cfg, task = config["ray"], get_task(config["task"])
+    metric, mode = selection(task, bool(trial["val_cases"]))
     return TorchTrainer(
         train_loop,
         train_loop_config=trial,

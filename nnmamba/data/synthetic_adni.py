@@ -21,13 +21,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
+from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
 from nnmamba.data.adni import ADNI_DIAGNOSES, MANIFEST_NAME, adni_case_id
 from nnmamba.data.synthetic import (
     SYNTHETIC_ORIENTATIONS,
-    _centred_ras_affine,
     _ellipsoid_radius,
     _smooth_field,
 )
@@ -96,7 +95,7 @@ def _write_subject(root: Path, diagnosis: str, class_index: int, index: int, sec
                              enlargement + progress * (enlargement > 0))
         image = _t1_image(tissue, np.random.default_rng([seed, class_index, index, visit_index]))
         relative = f"images/{adni_case_id(subject, visit)}.nii.gz"
-        _write_volume(root / relative, image, _centred_ras_affine(shape, spacing), codes)
+        write_oriented_nifti(root / relative, image, centred_ras_affine(shape, spacing), codes)
         rows.append({"subject": subject, "visit": visit, "image": relative, "diagnosis": diagnosis})
     return rows
 
@@ -148,15 +147,3 @@ def _t1_image(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(tissue != BACKGROUND, np.maximum(np.round(image), 1), 0).astype(np.int16)
 
 
-def _write_volume(path: Path, ras_volume: np.ndarray, ras_affine: np.ndarray, codes: tuple[str, ...]) -> None:
-    """Reorient a RAS volume to ``codes`` and write it with the matching affine."""
-    transform = nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
-    )
-    data = nib.orientations.apply_orientation(ras_volume, transform)
-    affine = ras_affine @ nib.orientations.inv_ornt_aff(transform, ras_volume.shape)
-    image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    nib.save(image, path)
