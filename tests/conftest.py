@@ -92,6 +92,18 @@ def write_project(root: Path, overrides: dict, studies: list[str] | None = None)
     return root
 
 
+def ablation_runs(client, experiment: str, variants: list[str], seeds: list[int]) -> tuple:
+    """The one parent run of `experiment` and its child runs, which must be exactly the variant x seed grid."""
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("run_type") == "ablation"]
+    children = [r for r in runs if r.data.tags.get("run_type") == "trial"]
+    assert len(parents) == 1
+    assert sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in children) == sorted(
+        (v, s) for v in variants for s in seeds)
+    return parents[0], children
+
+
 def run_in(root: Path, *command, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a project command (dvc, python -m pipelines...) in `root` with the venv on PATH.
 

@@ -1,6 +1,5 @@
 """Multiply-add counting against hand-computed values."""
 
-import torch
 from torch import nn
 
 from nnmamba.complexity import count_macs

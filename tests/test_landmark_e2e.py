@@ -12,7 +12,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_in, write_project
+from tests.conftest import ablation_runs, run_in, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -79,14 +79,7 @@ def test_repro_writes_the_table_4_report_and_the_slices_png(repro):
 def test_mlflow_holds_the_landmark_ablation(repro):
     root, _ = repro
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name(f"nnmamba-landmark-{STUDY}")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("run_type") == "ablation"]
-    children = [r for r in runs if r.data.tags.get("run_type") == "trial"]
-    assert len(parents) == 1
-    parent = parents[0]
-    assert sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in children) == sorted(
-        (v, s) for v in VARIANTS for s in SEEDS)
+    parent, children = ablation_runs(client, f"nnmamba-landmark-{STUDY}", VARIANTS, SEEDS)
     for child in children:
         tags, metrics = child.data.tags, child.data.metrics
         assert tags["mlflow.parentRunId"] == parent.info.run_id

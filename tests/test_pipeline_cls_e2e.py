@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from nnmamba.checkpoint import load_bundle
-from tests.conftest import run_in, write_project
+from tests.conftest import ablation_runs, run_in, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -114,14 +114,7 @@ def test_mlflow_holds_each_study_as_an_ablation(repro, study):
     root, _ = repro
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(f"nnmamba-cls-adni-{study}")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("run_type") == "ablation"]
-    children = [r for r in runs if r.data.tags.get("run_type") == "trial"]
-    assert len(parents) == 1
-    parent = parents[0]
-    assert sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in children) == sorted(
-        (v, s) for v in VARIANTS for s in SEEDS)
+    parent, children = ablation_runs(client, f"nnmamba-cls-adni-{study}", VARIANTS, SEEDS)
     for child in children:
         tags, params = child.data.tags, child.data.params
         assert tags["mlflow.parentRunId"] == parent.info.run_id
@@ -136,7 +129,7 @@ def test_mlflow_holds_each_study_as_an_ablation(repro, study):
             parent.data.metrics)
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert {"report/adni_classification_table.md", f"report/{study}_roc.png"} <= set(artifacts)
-    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    models = client.search_logged_models(experiment_ids=[parent.info.experiment_id])
     assert len(models) == len(VARIANTS) * len(SEEDS)
     model = mlflow.pytorch.load_model(models[0].model_uri).eval()
     with torch.no_grad():

@@ -7,7 +7,6 @@ normalisation, sliding windows, mapping back) is checked voxel for voxel, not ju
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
