@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _common import REPO, code_version, machine
 
-PROJECT_FILES = ("nnmamba", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
+PROJECT_FILES = ("nnmamba", "pipelines", "ray_configs", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
 STAGE_LINE = re.compile(r"Running stage '(?P<stage>[^']+)'")
 
 
@@ -51,12 +51,15 @@ def timed_repro(root: Path) -> tuple[float, dict[str, float]]:
     marks: list[tuple[str, float]] = []
     process = subprocess.Popen(["dvc", "repro"], cwd=root, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
     for line in process.stdout:
+        output.append(line)
         match = STAGE_LINE.search(line)
         if match:
             marks.append((match["stage"], time.perf_counter()))
+            print(f"{time.perf_counter() - started:7.1f} s  {match['stage']}", flush=True)
     if process.wait() != 0:
-        raise RuntimeError(f"dvc repro failed in {root}")
+        raise RuntimeError(f"dvc repro failed in {root}:\n{''.join(output[-80:])}")
     total = time.perf_counter() - started
     ends = [t for _, t in marks[1:]] + [started + total]
     return total, {stage: round(end - begin, 1) for (stage, begin), end in zip(marks, ends)}

@@ -176,3 +176,26 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def class_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    mirror_axes: Sequence[int] = (),
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Softmax class probabilities, float32 [B, K] on the CPU, of whole volumes [C, D, H, W] or [B, C, D, H, W].
+
+    A classifier sees the whole volume at once, so there is no tiling; mirror TTA averages the
+    probabilities of every flipped view, as `sliding_window_predict` does per window.
+    """
+    batch = _as_batch(image).float()
+    compute_device = torch.device(device) if device is not None else _parameter_device(model)
+    model.to(compute_device)
+    batch = batch.to(compute_device)
+    views = _mirror_flip_dims(mirror_axes)
+    with _eval_mode(model), torch.inference_mode():
+        total = sum(_activated(model, torch.flip(batch, dims) if dims else batch, SOFTMAX_OVER_CHANNELS, amp_dtype)
+                    for dims in views)
+    return (total / len(views)).cpu().clone()

@@ -70,9 +70,19 @@ def landmark_loss(**kw: Any) -> nn.Module:
     return WeightedHeatmapMSE(**kw)
 
 
+def classification_loss(**kw: Any) -> nn.Module:
+    """Cross-entropy on logits [B, K] against int64 class indices [B]; ``kw`` goes to ``nn.CrossEntropyLoss``.
+
+    K logits rather than one sigmoid logit (the authors' BCE): the same loss then serves any number
+    of classes, and for two classes the two are equivalent.
+    """
+    return nn.CrossEntropyLoss(**kw)
+
+
 _LOSS_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "segmentation": segmentation_loss,
     "landmark": landmark_loss,
+    "classification": classification_loss,
 }
 
 

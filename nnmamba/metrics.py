@@ -1,4 +1,5 @@
-"""Evaluation metrics: segmentation overlap and surface metrics, landmark radial errors (classification joins later).
+"""Evaluation metrics: segmentation overlap and surface metrics, landmark radial errors, image-level
+classification metrics.
 
 Segmentation metrics compare boolean masks (non-zero = foreground) of one case, in physical units:
 distances are in mm, computed from the voxel spacing, so anisotropic volumes (e.g. 0.8 x 0.8 x 6.5 mm)
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from monai.metrics.utils import get_edge_surface_distance
 from monai.transforms.utils import generate_spatial_bounding_box
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
@@ -225,3 +227,29 @@ def landmark_metrics(predicted: np.ndarray, truth: np.ndarray, names: Sequence[s
     if errors.shape != (len(names),):
         raise ValueError(f"{errors.shape[0] if errors.ndim else 0} points for {len(names)} landmark names")
     return {**{f"mre_mm_{name}": float(e) for name, e in zip(names, errors)}, "mre_mm_mean": float(errors.mean())}
+
+
+def classification_metrics(targets: Sequence[int], probabilities: np.ndarray) -> dict[str, float]:
+    """ACC, F1 and AUC of a set of cases, as the paper's Table 3 reports them (fractions, not %).
+
+    ``targets`` are class indices, ``probabilities`` [N, K] the predicted class probabilities;
+    the predicted class is the most probable one. With two classes, class 1 is the positive
+    class of F1 and AUC (AD in NC vs AD, pMCI in sMCI vs pMCI); with more, F1 is the macro
+    average and AUC the one-vs-rest macro average. AUC needs every class among the targets.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.ndim != 2 or len(probabilities) != len(targets):
+        raise ValueError(f"probabilities must be [N, K] for N = {len(targets)} targets, got {probabilities.shape}")
+    n_classes = probabilities.shape[1]
+    present = set(targets.tolist())
+    if present != set(range(n_classes)):
+        raise ValueError(f"AUC needs cases of every class 0..{n_classes - 1}; the targets hold {sorted(present)}")
+    predicted = probabilities.argmax(axis=1)
+    binary = n_classes == 2
+    return {
+        "acc": float(accuracy_score(targets, predicted)),
+        "f1": float(f1_score(targets, predicted, average="binary" if binary else "macro")),
+        "auc": float(roc_auc_score(targets, probabilities[:, 1]) if binary
+                     else roc_auc_score(targets, probabilities, multi_class="ovr")),
+    }

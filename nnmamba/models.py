@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnmamba.blocks import DoubleConv, ConvNormAct, MambaInConv, SkipScale, mamba_factory, residual_stage
@@ -18,6 +19,12 @@ DENSE_VARIANTS: dict[str, dict[str, bool]] = {
     "baseline": {"use_ssm": False, "siamese": False},
     "mic": {"use_ssm": True, "siamese": False},
     "miccss": {"use_ssm": True, "siamese": True},
+}
+# Classification ablation (paper Table 5, right): the stem's MICCSS, then the channel-sequential head.
+CLASSIFICATION_VARIANTS: dict[str, dict[str, bool]] = {
+    "baseline": {"stem_ssm": False, "sequence": False},
+    "miccss": {"stem_ssm": True, "sequence": False},
+    "sequence": {"stem_ssm": True, "sequence": True},
 }
 
 
@@ -75,6 +82,85 @@ class NnMambaSeg(nn.Module):
         return self.head(upsample_trilinear_2x(out))
 
 
+class NnMambaCls(nn.Module):
+    """Residual encoder with a MICCSS after the stem and a channel-sequential head (paper Fig. 2b).
+
+    The encoder is NnMambaSeg's (stem, three residual stages doubling the width) without
+    per-block SSM branches: the paper puts the one global branch early, where it gives every
+    later convolution global context. `sequence` pools stages 2, 3 and 4 (2C, 4C, 8C channels)
+    to 1, 2 and 4 tokens of 2C channels, runs a Mamba over these 7 tokens (residual) and feeds
+    them, flattened, to the MLP; the other variants feed the pooled last stage to the MLP.
+    Any input size works (global pooling), so whole volumes go in uncropped.
+    """
+
+    TOKENS_PER_STAGE = (1, 2, 4)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        variant: str = "sequence",
+        base_channels: int = 32,
+        blocks_per_stage: int = 3,
+        d_state: int = 8,
+        d_conv: int = 4,
+        expand: int = 2,
+        sequence_d_conv: int = 2,
+        dropout: float = 0.5,
+        ssm_backend: str = "auto",
+    ):
+        super().__init__()
+        if variant not in CLASSIFICATION_VARIANTS:
+            raise ValueError(f"unknown classification variant {variant!r}; known: {sorted(CLASSIFICATION_VARIANTS)}")
+        self.variant = variant
+        options = CLASSIFICATION_VARIANTS[variant]
+        widths = [base_channels * 2**i for i in range(4)]
+        self.stem = DoubleConv(in_channels, widths[0], stride=2)
+        self.stem_global: nn.Module | None = None
+        if options["stem_ssm"]:
+            ssm = mamba_factory(d_state, d_conv, expand, ssm_backend)(widths[0])
+            self.stem_global = MambaInConv(widths[0], ssm, siamese=True)
+        self.encoder = nn.ModuleList(
+            residual_stage(widths[i], widths[i + 1], blocks_per_stage, 2, None) for i in range(3)
+        )
+        self.sequence: nn.Module | None = None
+        features = widths[3]
+        if options["sequence"]:
+            self.sequence = mamba_factory(d_state, sequence_d_conv, expand, ssm_backend)(widths[1])
+            features = widths[1] * sum(self.TOKENS_PER_STAGE)
+        self.mlp = nn.Sequential(
+            nn.Linear(features, base_channels), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(base_channels, out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stem(x)
+        if self.stem_global is not None:
+            out = out + self.stem_global(out)
+        stages = []
+        for stage in self.encoder:
+            out = stage(out)
+            stages.append(out)
+        if self.sequence is None:
+            return self.mlp(F.adaptive_avg_pool3d(stages[-1], 1).flatten(1))
+        tokens = self.channel_sequence(stages)
+        return self.mlp((tokens + self.sequence(tokens)).flatten(1))
+
+    def channel_sequence(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        """[B, 7, 2C] tokens: stage h (2^(h-1)·C channels) average-pooled, its channels dealt into 2^(h-2) tokens.
+
+        Token t of a stage with k tokens holds channels t, t + k, t + 2k, ... (the authors'
+        `reshape(B, 2C, k)`), so weights stay interchangeable with their released code. The
+        authors pool by average; the paper's text says max.
+        """
+        batch, token_width = stages[0].shape[:2]
+        parts = [
+            F.adaptive_avg_pool3d(features, 1).reshape(batch, token_width, count)
+            for features, count in zip(stages, self.TOKENS_PER_STAGE)
+        ]
+        return torch.cat(parts, dim=2).transpose(1, 2)
+
+
 ModelBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, dict[str, ModelBuilder]] = {}
 
@@ -116,3 +202,14 @@ def _dense_builder(variant: str) -> ModelBuilder:
 for _task in ("segmentation", "landmark"):
     for _variant in DENSE_VARIANTS:
         register(_task, _variant, _dense_builder(_variant))
+
+
+def _classification_builder(variant: str) -> ModelBuilder:
+    def build(in_channels: int, out_channels: int, **kwargs) -> nn.Module:
+        return NnMambaCls(in_channels, out_channels, variant=variant, **kwargs)
+
+    return build
+
+
+for _variant in CLASSIFICATION_VARIANTS:
+    register("classification", _variant, _classification_builder(_variant))

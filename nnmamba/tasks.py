@@ -9,27 +9,36 @@ do not average over shards (AUC, say) are still computed on the whole validation
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torchio as tio
 from torch import nn
 
 from nnmamba.data.heatmap_sampling import make_heatmap_loader
 from nnmamba.data.preprocess import DATASET_JSON, load_preprocessed
-from nnmamba.data.sampling import make_patch_loader
+from nnmamba.data.sampling import PrivateRngLoader, augmentation_transform, make_patch_loader
 from nnmamba.engine import validation_dice
-from nnmamba.inference import predict_landmarks
+from nnmamba.inference import class_probabilities, predict_landmarks
 from nnmamba.losses import build_loss
-from nnmamba.metrics import radial_errors
+from nnmamba.metrics import classification_metrics, radial_errors
+
+
+def _patch_shape(config: dict) -> Sequence[int]:
+    return config["train"]["patch_size"]
 
 
 @dataclass(frozen=True)
 class TrainingTask:
-    """The task-specific pieces of training; `selection_mode` is "max" or "min"; `loss` takes the `train` section."""
+    """The task-specific pieces of training; `selection_mode` is "max" or "min"; `loss` takes the `train` section.
+
+    `input_shape(config)` is the spatial shape the network is fed (the patch, or the whole
+    volume for classification): the example input logged with the MLflow model.
+    """
 
     name: str
     selection_metric: str
@@ -38,6 +47,7 @@ class TrainingTask:
     loss: Callable[[dict], nn.Module]
     validate: Callable[..., list[dict[str, Any]]]
     summarise: Callable[[list[dict[str, Any]]], dict[str, float]]
+    input_shape: Callable[[dict], Sequence[int]] = _patch_shape
 
 
 def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
@@ -117,6 +127,62 @@ def landmark_summarise(records: list[dict[str, Any]]) -> dict[str, float]:
     return {"val_mre_mm": float(np.mean(errors))}
 
 
+def classification_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
+                          rank: int, world_size: int) -> Iterable[Mapping[str, Any]]:
+    """Shuffled batches of whole augmented volumes with their class index, this rank's cases only.
+
+    Ranks take the cases round robin. Unequal shares are fine: the training loop draws a fixed
+    number of steps per epoch from a cycled loader, so every rank steps (and all-reduces) in time.
+    """
+    mine = case_ids[rank::world_size]
+    if not mine:
+        raise ValueError(f"{len(case_ids)} training cases cannot be shared by {world_size} workers")
+    subjects = [
+        tio.Subject(image=tio.ScalarImage(dataset_dir / index["cases"][c]["image"]),
+                    target=index["cases"][c]["class_index"], case_id=c)
+        for c in mine
+    ]
+    dataset = tio.SubjectsDataset(subjects, transform=augmentation_transform(train["augmentation"]))
+    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    return PrivateRngLoader(dataset, seed=rank_seed, batch_size=train["batch_size"], shuffle=True,
+                            num_workers=train["data_workers"], collate_fn=collate_volumes)
+
+
+def collate_volumes(subjects: list[tio.Subject]) -> dict[str, Any]:
+    """``image`` float32 [B, C, D, H, W], ``label`` int64 [B] (class indices), ``case_id`` list of str."""
+    return {
+        "image": torch.stack([s["image"].data for s in subjects]).to(torch.float32),
+        "label": torch.tensor([s["target"] for s in subjects], dtype=torch.int64),
+        "case_id": [s["case_id"] for s in subjects],
+    }
+
+
+def classification_validate(model: nn.Module, dataset_dir: Path, case_ids: list[str], config: dict,
+                            device: torch.device, dtype: torch.dtype | None) -> list[dict[str, Any]]:
+    """Class probabilities of each validation case; the metrics need all of them (AUC), see summarise."""
+    cases = _dataset_cases(dataset_dir)
+    records = []
+    for case_id in case_ids:
+        image = load_preprocessed(dataset_dir, case_id)["image"].data
+        probabilities = class_probabilities(model, image, device=device, amp_dtype=dtype)[0]
+        records.append({"case_id": case_id, "target": cases[case_id]["class_index"],
+                        "probabilities": probabilities.tolist()})
+    return records
+
+
+def classification_summarise(records: list[dict[str, Any]]) -> dict[str, float]:
+    metrics = classification_metrics([r["target"] for r in records], np.array([r["probabilities"] for r in records]))
+    return {f"val_{name}": value for name, value in metrics.items()}
+
+
+def _dataset_cases(dataset_dir: Path) -> dict[str, dict]:
+    return json.loads((Path(dataset_dir) / DATASET_JSON).read_text())["cases"]
+
+
+def _volume_shape(config: dict) -> Sequence[int]:
+    return config["prepare"]["shape"]
+
+
 TASKS: dict[str, TrainingTask] = {
     "segmentation": TrainingTask(
         name="segmentation",
@@ -135,6 +201,16 @@ TASKS: dict[str, TrainingTask] = {
         loss=lambda train: build_loss("landmark", foreground_weight=train["heatmap"]["foreground_weight"]),
         validate=landmark_validate,
         summarise=landmark_summarise,
+    ),
+    "classification": TrainingTask(
+        name="classification",
+        selection_metric="val_auc",
+        selection_mode="max",
+        train_loader=classification_loader,
+        loss=lambda train: build_loss("classification"),
+        validate=classification_validate,
+        summarise=classification_summarise,
+        input_shape=_volume_shape,
     ),
 }
 

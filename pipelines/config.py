@@ -2,7 +2,8 @@
 
 Resolution order (later wins):
 1. the shared top-level sections (`prepare`, `split`, `train`, `evaluate`, ...),
-2. the study's own overrides (`studies.<name>.<section>`),
+2. the study's own overrides (`studies.<name>.<section>`); `task` and `init` (where the trials'
+   starting weights come from, see pipelines/train.py) are per study only,
 with the active profile (`profile: <name>`, overlay `profiles.<name>`) deep-merged over the whole
 file first. A user switches to the paper's settings with `dvc exp run -S profile=paper`
 (or by editing that one line); DVC tracks `profile` and `profiles`, so the right stages re-run.
@@ -83,6 +84,10 @@ def study_config(study: str, params: dict | None = None) -> dict:
         config[section] = deep_merge(params.get(section, {}), own.get(section, {}))
     config["study"] = study
     config["task"] = own["task"]
+    if "init" not in own:
+        raise KeyError(f"study {study!r} has no `init` in params.yaml: `nnmamba/models.py` trains from scratch, "
+                       "`models/<study>` starts from that study's models (dvc.yaml tracks it as a dependency)")
+    config["init"] = own["init"]
     return config
 
 

@@ -9,6 +9,10 @@ file. Unlabelled test cases (AMOS imagesTs, scored on the challenge site) are pr
 scored. This driver writes the prediction files, the per-case CSV, the summary JSON (DVC metrics)
 and MLflow: test metrics in each child run, mean/std over seeds in the parent run.
 
+Classification studies take the same route with whole volumes: each model's class probabilities
+per test case (`predictions/<study>/<variant>-seed<seed>.csv`), and ACC, F1 and AUC computed over
+the whole test set of each seed (AUC is not a mean of per-case scores), then mean ± std over seeds.
+
     python -m pipelines.evaluate brats2023
 """
 
@@ -31,8 +35,8 @@ from tqdm import tqdm
 from nnmamba.checkpoint import load_bundle
 from nnmamba.data.landmarks import read_landmarks, write_landmarks
 from nnmamba.data.preprocess import load_preprocessed
-from nnmamba.inference import predict_landmarks
-from nnmamba.metrics import landmark_metrics, segmentation_metrics
+from nnmamba.inference import class_probabilities, predict_landmarks
+from nnmamba.metrics import classification_metrics, landmark_metrics, segmentation_metrics
 from nnmamba.predict import file_ending, segment_preprocessed
 from pipelines.cluster import connect_ray
 from pipelines.config import resolve_path, study_config, write_json
@@ -98,52 +102,107 @@ def predict_landmarks_and_score(model_dir: str, dataset_dir: str, case_ids: list
     return scored
 
 
-def save_label_map(prediction: tuple[tio.LabelMap, str], directory: Path, case_id: str) -> None:
-    """The label map in the raw image's own format (.nii.gz, .nrrd, .mha, ...)."""
-    labels, ending = prediction
-    labels.save(directory / f"{case_id}{ending}")
+def predict_classes(model_dir: str, dataset_dir: str, case_ids: list[str], config: dict) -> list[tuple[dict, None]]:
+    """One trained classifier's class probabilities (`p_<class>`) and predicted class index per case.
+
+    Nothing is scored per case: ACC, F1 and AUC are properties of the whole test set (see
+    `classification_per_seed`), so the row carries what they are computed from.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_bundle(Path(model_dir), device)
+    index = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    names = [index["labels"][str(i)] for i in range(len(index["labels"]))]
+    scored = []
+    for case_id in case_ids:
+        entry = index["cases"][case_id]
+        image = load_preprocessed(Path(dataset_dir), case_id)["image"].data
+        probabilities = class_probabilities(model, image, mirror_axes=config["evaluate"]["mirror_axes"],
+                                            device=device)[0].numpy()
+        scored.append(({"case_id": case_id, "subject": entry["subject"], "target": entry["class_index"],
+                        **{f"p_{name}": float(p) for name, p in zip(names, probabilities)},
+                        "predicted": int(probabilities.argmax())}, None))
+    return scored
 
 
-def save_points(points: dict[str, list[float]], directory: Path, case_id: str) -> None:
-    """Predicted points as a landmarks-layout JSON (RAS), readable by the same reader as the annotations."""
-    write_landmarks(directory / f"{case_id}.json", points)
+def save_label_maps(scored: list[tuple[dict, tuple[tio.LabelMap, str]]], out_root: Path, model: str) -> None:
+    """Each label map as `<model>/<case><ending>`, in the raw image's own format (.nii.gz, .nrrd, .mha, ...)."""
+    (out_root / model).mkdir(parents=True, exist_ok=True)
+    for row, (labels, ending) in scored:
+        labels.save(out_root / model / f"{row['case_id']}{ending}")
+
+
+def save_points(scored: list[tuple[dict, dict[str, list[float]]]], out_root: Path, model: str) -> None:
+    """Predicted points as landmarks-layout JSON (RAS), `<model>/<case>.json`, readable by the annotations' reader."""
+    (out_root / model).mkdir(parents=True, exist_ok=True)
+    for row, points in scored:
+        write_landmarks(out_root / model / f"{row['case_id']}.json", points)
+
+
+def save_probabilities(scored: list[tuple[dict, None]], out_root: Path, model: str) -> None:
+    """One model's class probabilities of every test case as `<model>.csv`."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([row for row, _ in scored]).to_csv(out_root / f"{model}.csv", index=False)
+
+
+def metric_columns(per_case: pd.DataFrame) -> list[str]:
+    return [c for c in per_case.columns if c.startswith("test_")]
+
+
+def mean_per_seed(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Each (variant, seed)'s mean over test cases of every per-case metric (empty without labelled cases)."""
+    return per_case.groupby(["variant", "seed"])[metric_columns(per_case)].mean()
+
+
+def probability_columns(per_case: pd.DataFrame) -> list[str]:
+    """The `p_<class>` columns of a classification per-case table, in class order."""
+    return [c for c in per_case.columns if c.startswith("p_")]
+
+
+def classification_per_seed(per_case: pd.DataFrame) -> pd.DataFrame:
+    """ACC, F1 and AUC of each (variant, seed) over all its test cases, as `test_acc`, `test_f1`, `test_auc`."""
+    columns = probability_columns(per_case)
+    rows = {
+        key: {f"test_{name}": value for name, value in
+              classification_metrics(frame["target"].to_numpy(), frame[columns].to_numpy()).items()}
+        for key, frame in per_case.groupby(["variant", "seed"])
+    }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["variant", "seed"])
 
 
 @dataclass(frozen=True)
 class Evaluator:
-    """A task's test-time scoring (run as a Ray task per trained model) and how it writes one case's prediction."""
+    """A task's test-time work: scoring (a Ray task per trained model), writing its predictions, and
+    turning per-case rows into one row of test metrics per (variant, seed)."""
 
     score: Callable[[str, str, list[str], dict], list[tuple[dict, Any]]]
-    save: Callable[[Any, Path, str], None]
+    save: Callable[[list[tuple[dict, Any]], Path, str], None]
+    per_seed: Callable[[pd.DataFrame], pd.DataFrame] = mean_per_seed
 
 
 EVALUATORS = {
-    "segmentation": Evaluator(predict_and_score, save_label_map),
+    "segmentation": Evaluator(predict_and_score, save_label_maps),
     "landmark": Evaluator(predict_landmarks_and_score, save_points),
+    "classification": Evaluator(predict_classes, save_probabilities, classification_per_seed),
 }
 
 
-def summarise(per_case: pd.DataFrame) -> dict:
-    """Per variant: mean and std over seeds of each seed's mean over test cases (the paper's mean ± std)."""
-    metric_cols = [c for c in per_case.columns if c.startswith("test_")]
-    if not metric_cols:  # no labelled test case (AMOS imagesTs): predictions only
+def summarise(per_seed: pd.DataFrame) -> dict:
+    """Per variant: mean and std over seeds of each seed's test metrics (the paper's mean ± std)."""
+    if per_seed.empty:  # no labelled test case (AMOS imagesTs): predictions only
         return {}
-    per_seed = per_case.groupby(["variant", "seed"])[metric_cols].mean()
     summary = {}
     for variant, frame in per_seed.groupby(level="variant"):
         summary[variant] = {
-            col: {"mean": float(frame[col].mean()), "std": float(frame[col].std(ddof=0))} for col in metric_cols
+            col: {"mean": float(frame[col].mean()), "std": float(frame[col].std(ddof=0))} for col in per_seed.columns
         }
     return summary
 
 
-def log_to_mlflow(config: dict, trials: dict, per_case: pd.DataFrame, summary: dict) -> None:
-    """Test metrics into each child run; `<variant>_<metric>_mean/_std` into the parent run."""
-    runs = StudyRuns(config, trials["config_hash"])
-    metric_cols = [c for c in per_case.columns if c.startswith("test_")]
-    if not metric_cols:
+def log_to_mlflow(config: dict, trials: dict, per_seed: pd.DataFrame, summary: dict) -> None:
+    """Each seed's test metrics into its child run; `<variant>_<metric>_mean/_std` into the parent run."""
+    if per_seed.empty:
         return
-    per_seed = per_case.groupby(["variant", "seed"])[metric_cols].mean()
+    runs = StudyRuns(config, trials["config_hash"])
     for trial in trials["trials"]:
         runs.log_metrics(trial["run_id"], per_seed.loc[(trial["variant"], trial["seed"])].to_dict())
     parent = {f"{variant}_{col}_{stat}": value
@@ -167,18 +226,17 @@ def evaluate(study: str) -> dict:
     rows = []
     for ref in tqdm(_as_completed(list(pending)), total=len(pending), desc=f"evaluate {study}", unit="model"):
         trial = pending[ref]
-        for row, prediction in ray.get(ref):
-            name = f"{trial['variant']}-seed{trial['seed']}"
-            (out_root / name).mkdir(parents=True, exist_ok=True)
-            evaluator.save(prediction, out_root / name, row["case_id"])
-            rows.append({"variant": trial["variant"], "seed": trial["seed"], **row})
+        scored = ray.get(ref)
+        evaluator.save(scored, out_root, f"{trial['variant']}-seed{trial['seed']}")
+        rows += [{"variant": trial["variant"], "seed": trial["seed"], **row} for row, _ in scored]
     per_case = pd.DataFrame(rows).sort_values(["variant", "seed", "case_id"])
     metrics_dir = resolve_path(METRICS_ROOT) / study
     metrics_dir.mkdir(parents=True, exist_ok=True)
     per_case.to_csv(metrics_dir / "test_per_case.csv", index=False)
-    summary = summarise(per_case)
+    per_seed = evaluator.per_seed(per_case)
+    summary = summarise(per_seed)
     write_json(metrics_dir / "test_summary.json", summary)
-    log_to_mlflow(config, trials, per_case, summary)
+    log_to_mlflow(config, trials, per_seed, summary)
     return summary
 
 

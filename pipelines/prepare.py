@@ -6,7 +6,8 @@ the fingerprint of the labelled cases (spacings, shapes, foreground intensities,
 frequencies) gives the plan (target spacing, per-channel normalisation, patch and batch size
 within `plan.memory_budget_gb`), and the plan's preprocessing is applied to every case. Any bad
 case stops the stage with one error naming the case and the problem; an earlier output stays as
-it was.
+it was. For classification: whole volumes of one shape and spacing with each case's class in
+dataset.json.
 
     python -m pipelines.prepare brats2023
 """
@@ -25,6 +26,7 @@ from nnmamba.data.landmark_preprocess import prepare_landmark_dataset
 from nnmamba.data.layouts import get_layout
 from nnmamba.data.plan import PlanSettings, Preprocessing, make_plan
 from nnmamba.data.preprocess import prepare_dataset
+from nnmamba.data.whole_volume import prepare_classification_dataset
 from nnmamba.models import available_variants, build_model
 from pipelines.config import resolve_path, study_config
 
@@ -91,7 +93,15 @@ def prepare_landmarks(config: dict, raw: RawDataset, out_dir: Path) -> dict:
                                     spacing=config["prepare"]["spacing"], crop_margin=config["prepare"]["crop_margin"])
 
 
-PREPARERS = {"segmentation": prepare_segmentation, "landmark": prepare_landmarks}
+def prepare_classification(config: dict, raw: RawDataset, out_dir: Path) -> dict:
+    """Whole volumes resampled to one spacing and shape; `dataset.classes` orders the class indices."""
+    spec = config["prepare"]
+    return prepare_classification_dataset(raw.cases, out_dir, config["dataset"]["classes"], spec["spacing"],
+                                          spec["shape"])
+
+
+PREPARERS = {"segmentation": prepare_segmentation, "landmark": prepare_landmarks,
+             "classification": prepare_classification}
 
 
 def main() -> None:

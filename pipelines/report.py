@@ -7,6 +7,10 @@ variant); for organ datasets also the paper's Table 2 (parameters, GFLOPs, mDice
 set, AMOS CT and MR side by side). For a landmark study: a table in the shape of Table 4 (MRE in mm per
 landmark and averaged, mean ± std over seeds) and a PNG of predicted vs true points on three
 orthogonal slices of a test case. Tables and plots are also attached to the study's MLflow parent run.
+For the classification studies of a dataset: one table in the shape of the paper's Table 3 (ACC,
+F1, AUC of each study side by side, e.g. NC vs AD and sMCI vs pMCI) and a ROC curve PNG per study.
+Across tasks: the paper's Table 5 (`report.ablation` names the study of each task) as markdown and
+PNG (pipelines/report_ablation.py).
 
     python -m pipelines.report
 """
@@ -24,32 +28,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
 
 from nnmamba.data.landmarks import read_landmarks  # noqa: E402
 from nnmamba.data.layouts import get_layout  # noqa: E402
 from nnmamba.heatmaps import world_to_voxel  # noqa: E402
 from pipelines.config import load_params, resolve_path, study_config  # noqa: E402
-from pipelines.evaluate import PREDICTIONS_ROOT  # noqa: E402
+from pipelines.evaluate import PREDICTIONS_ROOT, probability_columns  # noqa: E402
 from pipelines.prepare import PREPROCESSED_ROOT  # noqa: E402
 from pipelines.report_organs import PAPER_PATCH, organ_groups, test_set_label, variant_complexity  # noqa: E402
 from pipelines.report_overlays import overlay_figure  # noqa: E402
+from pipelines.report_ablation import ablation_report  # noqa: E402
 from pipelines.resolve import resolve_study  # noqa: E402
+from pipelines.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
 from pipelines.tracking import StudyRuns  # noqa: E402
 from pipelines.train import METRICS_ROOT, MODELS_ROOT  # noqa: E402
 
 REPORTS_ROOT = "reports"
-VARIANT_LABELS = {"baseline": "Baseline", "mic": "+MIC", "miccss": "+MICCSS", "sequence": "+Sequence"}
-
-
-def cell(stats: dict, scale: float = 1.0) -> str:
-    """`mean ± std`, two decimals, as the paper prints them."""
-    return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def segmentation_tables(study: str, summary: dict, regions: list[str]) -> str:
@@ -218,20 +214,102 @@ def report_study(study: str, out_dir: Path) -> Path | None:
     return files[0]
 
 
+CLASSIFICATION_METRICS = {"test_acc": "ACC", "test_f1": "F1", "test_auc": "AUC"}
+
+
+def classification_table(dataset: str, results: dict[str, dict]) -> str:
+    """Table 3 shape: one row per variant, ACC/F1/AUC (%) of each study (`results[title] = summary`) side by side."""
+    variants = list(dict.fromkeys(v for summary in results.values() for v in summary))
+    header = ["Method"] + [f"{title} {name}" for title in results for name in CLASSIFICATION_METRICS.values()]
+    rows = [
+        [VARIANT_LABELS.get(v, v)]
+        + [cell(summary[v][metric], 100) if v in summary else "–" for summary in results.values()
+           for metric in CLASSIFICATION_METRICS]
+        for v in variants
+    ]
+    return (f"## {dataset}: classification, ACC / F1 / AUC (%), mean ± std over seeds\n\n"
+            + markdown_table(header, rows))
+
+
+def roc_chart(title: str, per_case: pd.DataFrame, summary: dict, path: Path) -> None:
+    """ROC curves of every (variant, seed) on the test split; positive class = the last class."""
+    columns = probability_columns(per_case)
+    positive, positive_index = columns[-1], len(columns) - 1
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for colour, (variant, frame) in zip(plt.cm.tab10.colors, per_case.groupby("variant")):
+        auc = summary[variant]["test_auc"]
+        for number, (_, seed_frame) in enumerate(frame.groupby("seed")):
+            fpr, tpr, _ = roc_curve(seed_frame["target"] == positive_index, seed_frame[positive])
+            label = f"{VARIANT_LABELS.get(variant, variant)} (AUC {cell(auc, 100)})" if number == 0 else None
+            ax.plot(fpr, tpr, color=colour, alpha=0.8, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel(f"true positive rate ({positive.removeprefix('p_')})")
+    ax.set_title(f"{title}: test ROC, one curve per seed")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def classification_study(study: str, out_dir: Path) -> dict | None:
+    """Write a classification study's ROC chart; return what its dataset's table needs (None if not evaluated)."""
+    metrics_dir = resolve_path(METRICS_ROOT) / study
+    if not (metrics_dir / "test_summary.json").is_file():
+        return None
+    config = study_config(study)
+    summary = json.loads((metrics_dir / "test_summary.json").read_text())
+    title = " vs ".join(config["dataset"]["classes"])
+    roc = out_dir / f"{study}_roc.png"
+    roc_chart(title, pd.read_csv(metrics_dir / "test_per_case.csv"), summary, roc)
+    trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
+    return {"dataset": config["dataset"]["name"], "title": title, "summary": summary, "roc": roc,
+            "runs": StudyRuns(config, trials["config_hash"]), "parent_id": trials["parent_run_id"]}
+
+
+def classification_reports(studies: list[str], out_dir: Path) -> list[Path]:
+    """One Table 3-shaped table per dataset over its evaluated classification studies, a ROC PNG per study."""
+    evaluated = [result for study in studies if (result := classification_study(study, out_dir))]
+    tables = []
+    for dataset in dict.fromkeys(result["dataset"] for result in evaluated):
+        results = [result for result in evaluated if result["dataset"] == dataset]
+        table = out_dir / f"{dataset}_classification_table.md"
+        table.write_text(classification_table(dataset, {r["title"]: r["summary"] for r in results}))
+        for result in results:
+            for artifact in (table, result["roc"]):
+                result["runs"].client.log_artifact(result["parent_id"], str(artifact), artifact_path="report")
+        tables.append(table)
+    return tables
+
+
+def attach_to_parent_runs(studies: list[str], files: list[Path]) -> None:
+    """Log report files shared by several studies into each trained study's MLflow parent run."""
+    for study in studies:
+        trials_file = resolve_path(MODELS_ROOT) / study / "trials.json"
+        if not trials_file.is_file():
+            continue
+        trials = json.loads(trials_file.read_text())
+        runs = StudyRuns(study_config(study), trials["config_hash"])
+        for path in files:
+            runs.client.log_artifact(trials["parent_run_id"], str(path), artifact_path="report")
+
+
 def report() -> list[Path]:
     """Reports for every study in params.yaml that has test results."""
     out_dir = resolve_path(REPORTS_ROOT)
     out_dir.mkdir(parents=True, exist_ok=True)
     studies = load_params()["studies"]
-    tables = [t for study in studies if (t := report_study(study, out_dir))]
+    tables = [t for study in studies if studies[study]["task"] in STUDY_REPORTS and (t := report_study(study, out_dir))]
     for group, members in organ_groups(studies).items():
         table = out_dir / f"{group}_table2.md"
         table.write_text(organ_table(group, members))
         tables.append(table)
-        for study in members:
-            trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
-            StudyRuns(study_config(study), trials["config_hash"]).client.log_artifact(
-                trials["parent_run_id"], str(table), artifact_path="report")
+        attach_to_parent_runs(members, [table])
+    tables += classification_reports([s for s in studies if studies[s]["task"] == "classification"], out_dir)
+    ablation_studies = load_params()["report"]["ablation"]
+    ablation = ablation_report(ablation_studies, out_dir)
+    attach_to_parent_runs([s for s in ablation_studies.values() if s in studies], ablation)
+    tables += ablation[:1]
     for table in tables:
         print(table.read_text())
     return tables

@@ -4,7 +4,10 @@
 leaks from training into testing. Sizes are case counts (int) or fractions (< 1) of the labelled
 cases; train gets the rest. `split.method: folders`: the split the dataset ships (AMOS imagesTr ->
 train, imagesVa -> val, imagesTs -> test); where it ships no validation folder, `split.val` cases
-are drawn (seeded) from its training folder.
+are drawn (seeded) from its training folder. Classification
+studies (`split.method: random`) are also stratified by class, so every split has the dataset's class
+balance (and AUC is defined on val and test). `val: 0` means no validation split: training then
+keeps the last epoch.
 
     python -m pipelines.split brats2023
 """
@@ -13,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from nnmamba.data.errors import DataError
 from nnmamba.data.layouts import get_layout
@@ -88,13 +92,75 @@ def split_cases(index: dict, patient_of, spec: dict, require_labels: bool = True
     return patient_split(list(index["cases"]), patient_of, spec["val"], spec["test"], spec["seed"])
 
 
+def stratified_subject_split(subject_of: dict[str, str], class_of: dict[str, str], val: float, test: float,
+                             seed: int) -> dict[str, list[str]]:
+    """A subject-level split with each class's share of test and val cases equal to its share of the data.
+
+    Subjects are grouped into strata by their set of classes (a subject whose visits carry two
+    diagnoses is its own stratum); each stratum fills its quota of test, then val cases from
+    its seeded-shuffled subjects, and train takes the rest. Quotas are proportional to the
+    stratum's case count, rounded by largest remainder so they add up to the requested sizes.
+    A subject's visits stay together, so a quota may be exceeded by one subject's extra visits.
+    Hand-written for the same reason as `patient_split`: scikit-learn's StratifiedGroupKFold
+    gives folds, not exact case counts such as the paper's 351/296 (Table 6).
+    """
+    by_subject: dict[str, list[str]] = defaultdict(list)
+    for case_id in sorted(subject_of):
+        by_subject[subject_of[case_id]].append(case_id)
+    stratum_of = {s: "+".join(sorted({class_of[c] for c in cases})) for s, cases in by_subject.items()}
+    stratum_sizes = Counter({k: 0 for k in stratum_of.values()})
+    for subject, cases in by_subject.items():
+        stratum_sizes[stratum_of[subject]] += len(cases)
+    n_val, n_test = split_sizes(len(subject_of), val, test)
+    quotas = {"test": _apportion(n_test, stratum_sizes), "val": _apportion(n_val, stratum_sizes)}
+    rng = random.Random(seed)
+    split: dict[str, list[str]] = {"test": [], "val": [], "train": []}
+    for stratum in sorted(stratum_sizes):
+        subjects = sorted(s for s in by_subject if stratum_of[s] == stratum)
+        rng.shuffle(subjects)
+        filled = Counter()
+        for subject in subjects:
+            part = next((p for p in ("test", "val") if filled[p] < quotas[p][stratum]), "train")
+            split[part] += by_subject[subject]
+            filled[part] += len(by_subject[subject])
+    return {name: sorted(ids) for name, ids in split.items()}
+
+
+def _apportion(total: int, sizes: Counter) -> dict[str, int]:
+    """Split `total` over the keys proportionally to `sizes`, in integers that add up (largest remainder)."""
+    grand = sum(sizes.values())
+    exact = {key: total * size / grand for key, size in sizes.items()}
+    quotas = {key: math.floor(value) for key, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda key: (quotas[key] - exact[key], key))
+    for key in by_remainder[: total - sum(quotas.values())]:
+        quotas[key] += 1
+    return quotas
+
+
+def classification_split(index: dict, spec: dict) -> dict[str, list[str]]:
+    """Stratified subject-level split of a prepared classification dataset; every class in val and test."""
+    cases = index["cases"]
+    split = stratified_subject_split({c: e["subject"] for c, e in cases.items()},
+                                     {c: e["class_name"] for c, e in cases.items()},
+                                     spec["val"], spec["test"], spec["seed"])
+    for name in ("val", "test"):
+        missing = sorted(set(index["labels"].values()) - {cases[c]["class_name"] for c in split[name]})
+        if split[name] and missing:
+            raise ValueError(f"the {name} split ({len(split[name])} cases) holds no case of class(es) {missing}; "
+                             f"AUC needs every class: raise split.{name}")
+    return split
+
+
 def make_split(study: str) -> dict:
     """Split the prepared cases of one study and write `data/splits/<study>.json`."""
     config = study_config(study)
     index = json.loads((resolve_path(PREPROCESSED_ROOT) / study / "dataset.json").read_text())
     spec = config["split"]
-    split = split_cases(index, get_layout(config["dataset"]["layout"]).patient_of, spec,
-                        require_labels=config["task"] == "segmentation")
+    if config["task"] == "classification" and spec.get("method", "random") == "random":
+        split = classification_split(index, spec)
+    else:
+        split = split_cases(index, get_layout(config["dataset"]["layout"]).patient_of, spec,
+                            require_labels=config["task"] == "segmentation")
     write_json(resolve_path(SPLITS_ROOT) / f"{study}.json", {"seed": spec["seed"], **split})
     print("split: " + ", ".join(f"{name} {len(ids)}" for name, ids in split.items()))
     return split

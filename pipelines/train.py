@@ -5,6 +5,11 @@ Metrics flow worker -> Tune -> this driver, which alone writes MLflow (parent ru
 ablation, one child run per trial). Afterwards the best checkpoint of every trial (by validation
 score) is exported to `models/<study>/<variant>-seed<seed>/` and logged as an MLflow model.
 
+A study whose `init` names another study's models (`init: models/adni_ad`) is a transfer study:
+each trial starts from that study's model of the same variant and seed (the paper's Table 3
+setting); `init: nnmamba/models.py` starts from freshly built weights. dvc.yaml lists `init` as a
+dependency of train@<study>, which puts the chain in DVC's graph.
+
 Local Ray by default; `RAY_ADDRESS` (or `ray.address` in params.yaml) selects a cluster, and
 `ray.preset` the scale (ray_configs/presets/). On a cluster, submit it as a Ray job
 (README, "Running on a cluster"):
@@ -16,6 +21,7 @@ Local Ray by default; `RAY_ADDRESS` (or `ray.address` in params.yaml) selects a 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -29,7 +35,8 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, load_bundle, save_bundle
+from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, WEIGHTS_FILE, load_bundle, save_bundle
+from nnmamba.models import available_variants
 from nnmamba.tasks import get_task
 from pipelines.cluster import connect_ray
 from pipelines.config import (
@@ -39,10 +46,47 @@ from pipelines.prepare import PREPROCESSED_ROOT
 from pipelines.resolve import load_plan, resolve_study
 from pipelines.split import SPLITS_ROOT
 from pipelines.tracking import StudyRuns, experiment_name, flatten
-from pipelines.train_worker import STATE_FILE, train_loop
+from pipelines.train_worker import STATE_FILE, selection, train_loop
 
 MODELS_ROOT = "models"
 METRICS_ROOT = "metrics"
+SCRATCH_INIT = "nnmamba/models.py"
+TRIALS_FILE = "trials.json"
+
+
+def trial_dir_name(variant: str, seed: int) -> str:
+    return f"{variant}-seed{seed}"
+
+
+def init_models(config: dict) -> Path | None:
+    """The models folder a transfer study starts from, or None for a study trained from scratch."""
+    if config["init"] == SCRATCH_INIT:
+        return None
+    path = resolve_path(config["init"])
+    if not (path / TRIALS_FILE).is_file():
+        raise ValueError(f"study {config['study']}: init {config['init']!r} is neither {SCRATCH_INIT!r} (train from "
+                         f"scratch) nor a models/<study> folder written by train@<study> (no {TRIALS_FILE} in {path})")
+    return path
+
+
+def init_fingerprint(config: dict) -> str | None:
+    """Digest of the upstream weights a transfer study starts from (None from scratch).
+
+    Part of the configuration digest, so retrained upstream models give new trial runs instead of
+    resuming the old ones. Fails early, naming the trial, if the upstream study lacks a (variant, seed).
+    """
+    upstream = init_models(config)
+    if upstream is None:
+        return None
+    digest = hashlib.sha256()
+    for variant in config["train"]["variants"]:
+        for seed in config["train"]["seeds"]:
+            weights = upstream / trial_dir_name(variant, seed) / WEIGHTS_FILE
+            if not weights.is_file():
+                raise ValueError(f"study {config['study']}: no upstream model for {variant} seed {seed} "
+                                 f"({weights} is missing); train the same variants and seeds in {upstream.name}")
+            digest.update(weights.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def trial_plan(config: dict) -> dict:
@@ -58,11 +102,13 @@ def trial_plan(config: dict) -> dict:
             )
     index = json.loads((dataset_dir / "dataset.json").read_text())
     split = json.loads(split_file.read_text())
+    upstream = init_models(config)
     return {
         "config": config,
         "dataset_dir": str(dataset_dir),
         "train_cases": split["train"],
         "val_cases": split["val"],
+        "init_models": str(upstream) if upstream else None,
         "arch": {
             "task": config["task"],
             "in_channels": len(index["channels"]),
@@ -90,6 +136,7 @@ def build_trainer(trial: dict, callbacks: list) -> TorchTrainer:
     """
     config = trial["config"]
     ray_cfg, task = config["ray"], get_task(config["task"])
+    metric, mode = selection(task, bool(trial["val_cases"]))
     return TorchTrainer(
         train_loop,
         train_loop_config=trial,
@@ -104,8 +151,7 @@ def build_trainer(trial: dict, callbacks: list) -> TorchTrainer:
             storage_path=trial["storage_path"],
             failure_config=ray.train.FailureConfig(max_failures=ray_cfg["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=task.selection_metric,
-                checkpoint_score_order=task.selection_mode,
+                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             callbacks=callbacks,
         ),
@@ -114,10 +160,9 @@ def build_trainer(trial: dict, callbacks: list) -> TorchTrainer:
 
 def run_trial(trial: dict) -> None:
     """A Tune function trainable: one Ray Train run for one (variant, seed); resumes by run name."""
-    task = get_task(trial["config"]["task"])
-    metric = task.selection_metric
+    metric, mode = selection(get_task(trial["config"]["task"]), bool(trial["val_cases"]))
     result = build_trainer(trial, [TuneReportCallback()]).fit()
-    better = max if task.selection_mode == "max" else min
+    better = max if mode == "max" else min
     best_checkpoint, best_metrics = better(result.best_checkpoints, key=lambda pair: pair[1][metric])
     ray.tune.report({"best_checkpoint_path": best_checkpoint.path, f"best_{metric}": best_metrics[metric],
                      "best_epoch": best_metrics["epoch"]})
@@ -163,14 +208,14 @@ def export_trial(result, plan: dict, out_dir: Path, run_id: str, register_as: st
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     save_bundle(out_dir, {**plan["arch"], "variant": variant}, state["model"], plan["prediction"])
     model, arch = load_bundle(out_dir)
-    patch = plan["config"]["train"]["patch_size"]
-    example = torch.zeros(1, arch["in_channels"], *patch).numpy()
+    task = get_task(plan["config"]["task"])
+    example = torch.zeros(1, arch["in_channels"], *task.input_shape(plan["config"])).numpy()
     # The bundle's JSON files travel with the MLflow model, so `nnmamba predict --model models:/...` works.
     extra_files = [str(out_dir / name) for name in (ARCH_FILE, PREDICTION_FILE) if (out_dir / name).is_file()]
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
                                  serialization_format="pickle", extra_files=extra_files)
-    metric = get_task(plan["config"]["task"]).selection_metric
+    metric, _ = selection(task, bool(plan["val_cases"]))
     return {"variant": variant, "seed": seed, "run_id": run_id, "model_dir": str(out_dir),
             f"best_{metric}": result.metrics[f"best_{metric}"], "best_epoch": result.metrics["best_epoch"]}
 
@@ -179,9 +224,14 @@ def train(study: str) -> list[dict]:
     """Run the study's ablation grid and export its models; returns one summary row per trial."""
     config = resolve_study(study_config(study))
     train_cfg, metric = config["train"], get_task(config["task"]).selection_metric
+    unknown = [v for v in train_cfg["variants"] if v not in available_variants(config["task"])]
+    if unknown:
+        raise ValueError(f"study {study}: variants {unknown} are not {config['task']} variants "
+                         f"(known: {list(available_variants(config['task']))}); set studies.{study}.train.variants")
     identity = {k: config[k] for k in ("dataset", "prepare", "split", "model")}
     identity["train"] = {k: v for k, v in train_cfg.items() if k not in ("variants", "seeds")}
     identity["plan"] = load_plan(study)  # a new plan (spacing, normalisation) must not resume old trials
+    identity["init"] = {"from": config["init"], "weights": init_fingerprint(config)}
     digest = config_hash(identity)
     plan = trial_plan(config)
     runs = StudyRuns(config, digest)
@@ -225,9 +275,9 @@ def train(study: str) -> list[dict]:
         variant, seed = result.config["variant"], result.config["seed"]
         # Registered names are `<experiment>-<variant>`, e.g. nnmamba-seg-brats2023-miccss.
         name = f"{experiment_name(config)}-{variant}" if register else None
-        rows.append(export_trial(result, plan, models_dir / f"{variant}-seed{seed}",
+        rows.append(export_trial(result, plan, models_dir / trial_dir_name(variant, seed),
                                  children[(variant, seed)], name))
-    write_json(models_dir / "trials.json", {"parent_run_id": parent_id, "config_hash": digest, "trials": rows})
+    write_json(models_dir / TRIALS_FILE, {"parent_run_id": parent_id, "config_hash": digest, "trials": rows})
     write_curves(runs, rows, metric, resolve_path(METRICS_ROOT) / study / "train_curves.csv")
     return rows
 
@@ -252,7 +302,8 @@ def resolve_trial(trial: dict) -> dict:
     digest (so a re-run resumes it), and the variant put into the architecture record."""
     variant, seed = trial["variant"], trial["seed"]
     run_name = f"{trial['config']['study']}-{variant}-seed{seed}-{trial['digest']}"
-    return {**trial, "run_name": run_name, "arch": {**trial["arch"], "variant": variant}}
+    init_dir = str(Path(trial["init_models"]) / trial_dir_name(variant, seed)) if trial["init_models"] else None
+    return {**trial, "run_name": run_name, "init_dir": init_dir, "arch": {**trial["arch"], "variant": variant}}
 
 
 def _trial_entry(trial: dict) -> None:

@@ -1,8 +1,10 @@
 """The per-worker training loop that Ray Train runs (DDP: gloo on CPU, NCCL on GPU).
 
-Every epoch: fixed-step training on the task's batches, validation sharded over the workers,
-then one `ray.train.report` with a checkpoint from rank 0. On restart (worker failure, or the
-stage re-run with the same configuration) the loop resumes from the latest checkpoint.
+Every epoch: fixed-step training on the task's batches, validation sharded over the workers
+(skipped without a validation split), then one `ray.train.report` with a checkpoint from rank 0.
+On restart (worker failure, or the stage re-run with the same configuration) the loop resumes
+from the latest checkpoint; a fresh trial of a transfer study starts from the upstream study's
+model of the same variant and seed (`trial["init_dir"]`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nnmamba.checkpoint import model_from_arch
+from nnmamba.checkpoint import load_bundle, model_from_arch
 from nnmamba.engine import CapturedTrainStep, amp_dtype, build_optimizer, repeat_batches, train_epoch
 from nnmamba.tasks import TrainingTask, get_task
 
@@ -65,6 +67,24 @@ def _broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def selection(task: TrainingTask, has_validation: bool) -> tuple[str, str]:
+    """The metric and mode ("max"/"min") that pick a trial's checkpoint.
+
+    The task's validation metric; without a validation split, the epoch, so the LAST checkpoint
+    is kept (the paper then reports the mean over seeds instead of selecting on validation).
+    """
+    return (task.selection_metric, task.selection_mode) if has_validation else ("epoch", "max")
+
+
+def _initialise(model: nn.Module, trial: dict) -> None:
+    """Start from another study's trained model of the same variant and seed (transfer learning)."""
+    source, arch = load_bundle(Path(trial["init_dir"]))
+    if arch != trial["arch"]:
+        raise ValueError(f"cannot initialise {trial['run_name']} from {trial['init_dir']}: its architecture "
+                         f"{arch} differs from this study's {trial['arch']}")
+    model.load_state_dict(source.state_dict())
+
+
 def _validate(task: TrainingTask, model: nn.Module, trial: dict, device: torch.device, dtype) -> dict[str, float]:
     """Validation sharded over the workers, on the unwrapped model.
 
@@ -103,6 +123,8 @@ def train_loop(trial: dict) -> None:
     graphed = train.get("cuda_graph", False) and device.type == "cuda" and world == 1
     optimizer = build_optimizer(bare, **train["optimizer"], capturable=graphed)
     state = _restore(bare, optimizer, device)
+    if state is None and trial["init_dir"]:
+        _initialise(bare, trial)
     start_epoch = state["epoch"] if state else 0
     val_metrics = state["val_metrics"] if state else {}
     best = state["best"] if state else None
@@ -114,17 +136,18 @@ def train_loop(trial: dict) -> None:
     batches = repeat_batches(loader)
     loss_fn = task.loss(train)
     captured = CapturedTrainStep(model, loss_fn, optimizer, dtype) if graphed else None
-    better = max if task.selection_mode == "max" else min
+    metric, mode = selection(task, bool(trial["val_cases"]))
+    better = max if mode == "max" else min
     for epoch in range(start_epoch, train["epochs"]):
         started = time.perf_counter()
         loss = train_epoch(model, batches, loss_fn, optimizer, train["steps_per_epoch"], device, dtype,
                            train["channels_last"], captured)
-        if not val_metrics or (epoch + 1) % train["val_every"] == 0 or epoch + 1 == train["epochs"]:
+        due = not val_metrics or (epoch + 1) % train["val_every"] == 0 or epoch + 1 == train["epochs"]
+        if trial["val_cases"] and due:
             val_metrics = _validate(task, bare, trial, device, dtype)
-        score = val_metrics[task.selection_metric]
-        best = score if best is None else better(best, score)
-        metrics = {"epoch": epoch + 1, "train_loss": _mean_over_workers(loss, device), **val_metrics,
-                   f"best_{task.selection_metric}": best, "epoch_time_s": time.perf_counter() - started}
+        metrics = {"epoch": epoch + 1, "train_loss": _mean_over_workers(loss, device), **val_metrics}
+        best = metrics[metric] if best is None else better(best, metrics[metric])
+        metrics |= {f"best_{metric}": best, "epoch_time_s": time.perf_counter() - started}
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:

@@ -30,7 +30,8 @@ def test_study_sections_merge_shared_then_study_then_profile(tmp_path):
         "profile": "big",
         "train": {"epochs": 3, "lr": 0.1},
         "evaluate": {"overlap": 0.5},
-        "studies": {"s": {"task": "segmentation", "dataset": {"name": "d"}, "train": {"epochs": 5}}},
+        "studies": {"s": {"task": "segmentation", "init": "nnmamba/models.py", "dataset": {"name": "d"},
+                          "train": {"epochs": 5}}},
         "profiles": {"big": {"train": {"lr": 0.2}, "studies": {"s": {"train": {"epochs": 50}}}}},
     }
     config = study_config("s", load_params(write_params(tmp_path, params)))

@@ -35,7 +35,7 @@ TINY = {
     "studies": {
         "amos_mr": {"dataset": {"reader": {"subsets": ["imagesTr", "imagesVa", "imagesTs"]}},
                     "split": {"method": "folders"}},
-        "abdomen_mha": {"task": "segmentation",
+        "abdomen_mha": {"task": "segmentation", "init": "nnmamba/models.py",
                         "dataset": {"name": "abdomen_mha", "layout": "nnunet", "root": "data/raw/synthetic/abdomen_mha",
                                     "synthetic": "abdomen_mha"},
                         "train": {"patch_size": "auto", "batch_size": "auto", "label_probabilities": "uniform",

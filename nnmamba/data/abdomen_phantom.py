@@ -17,11 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
 from scipy.ndimage import gaussian_filter
+
+from nnmamba.data.orientation import centred_ras_affine, reorient_from_ras
 
 # AMOS 2022 label values and names (its dataset.json).
 AMOS_LABELS: dict[int, str] = {
@@ -143,13 +144,7 @@ def save_oriented(path: Path, ras_volume: np.ndarray, spacing: tuple[float, ...]
     The format follows the suffix (.nii.gz, .nrrd, .mha, ...; torchio/SimpleITK), the
     dtype is kept, so integer labels stay integer.
     """
-    ras_affine = np.diag([*spacing, 1.0])
-    ras_affine[:3, 3] = -(np.asarray(ras_volume.shape) - 1) / 2 * np.asarray(spacing)
-    transform = nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
-    )
-    data = np.ascontiguousarray(nib.orientations.apply_orientation(ras_volume, transform))
-    affine = ras_affine @ nib.orientations.inv_ornt_aff(transform, ras_volume.shape)
+    data, affine = reorient_from_ras(ras_volume, centred_ras_affine(ras_volume.shape, spacing), codes)
     image_type = tio.LabelMap if label else tio.ScalarImage
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image_type(tensor=torch.from_numpy(data)[None], affine=affine).save(path)

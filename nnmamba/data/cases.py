@@ -41,3 +41,15 @@ class RawDataset:
     cases: list[CaseFiles]
     labels: dict[int, str]
     channels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClassifiedCase(CaseFiles):
+    """A case whose label is one class for the whole image (classification), not a label map.
+
+    ``subject`` groups the cases (visits) of one person, so splits can keep them together;
+    ``class_name`` is the case's class, e.g. a diagnosis.
+    """
+
+    subject: str
+    class_name: str

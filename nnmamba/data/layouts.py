@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nnmamba.data.amos import read_amos_dataset
+from nnmamba.data.adni import ADNI_CHANNELS, ADNI_LABELS, find_adni_cases
 from nnmamba.data.brats import BRATS_LABELS, BRATS_MODALITIES, find_brats_cases
 from nnmamba.data.cases import CaseFiles, RawDataset
 from nnmamba.data.landmarks import LANDMARK_CHANNELS, LANDMARK_NAMES, find_landmark_cases
@@ -74,6 +75,12 @@ def _write_synthetic_fetal(root: Path, **kwargs) -> list[str]:
     return write_synthetic_fetal(root, **kwargs)
 
 
+def _write_synthetic_adni(root: Path, **kwargs) -> list[str]:
+    from nnmamba.data.synthetic_adni import write_synthetic_adni
+
+    return write_synthetic_adni(root, **kwargs)
+
+
 def _brats_patient(case_id: str) -> str:
     """BraTS-GLI-<patient>-<timepoint>: timepoints of one patient must stay in one split."""
     return case_id.rsplit("-", 1)[0]
@@ -92,6 +99,9 @@ LAYOUTS: dict[str, Layout] = {
     "landmarks": Layout(
         "landmarks", find_landmark_cases, dict(enumerate(LANDMARK_NAMES)), LANDMARK_CHANNELS, _write_synthetic_fetal
     ),
+    # Image-level labels: `labels` are the diagnoses a manifest may use; the subject of each case
+    # comes from the manifest (ClassifiedCase.subject), so splits do not need `patient_of`.
+    "adni": Layout("adni", find_adni_cases, ADNI_LABELS, ADNI_CHANNELS, _write_synthetic_adni),
 }
 
 

@@ -313,7 +313,7 @@ def prepare_dataset(
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
         for name, content in (metadata or {}).items():
             (staging / name).write_text(json.dumps(content, indent=2))
-        _replace_directory(staging, out_dir)
+        replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -366,7 +366,7 @@ def _label_names(label_values: Collection[int] | None, seen_labels: set[int]) ->
     return {str(v): str(v) for v in values}
 
 
-def _replace_directory(new: Path, target: Path) -> None:
+def replace_directory(new: Path, target: Path) -> None:
     """Rename ``new`` onto ``target``; an existing ``target`` is restored if the swap fails.
 
     rename(2) cannot replace a non-empty directory, hence the move-aside.
@@ -397,7 +397,7 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        _replace_directory(staging, out_dir)
+        replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

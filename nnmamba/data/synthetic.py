@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from nnmamba.data.brats import BRATS_SEG, brats_file
+from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
 
 # Odd cases use the second orientation so canonical reorientation (flips AND an
 # axis permutation) is exercised: LPS is what BraTS ships, PIR a sagittal-like one.
@@ -75,15 +75,9 @@ def write_synthetic_brats(
         volumes = {m: _modality_image(tissue, m, rng) for m in TISSUE_INTENSITY}
         volumes[BRATS_SEG] = _tumour_labels(tissue)
         codes = SYNTHETIC_ORIENTATIONS[index % len(SYNTHETIC_ORIENTATIONS)]
-        _write_case(root / case_id, volumes, _centred_ras_affine(shape, spacing), codes)
+        _write_case(root / case_id, volumes, centred_ras_affine(shape, spacing), codes)
         case_ids.append(case_id)
     return case_ids
-
-
-def _centred_ras_affine(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * np.asarray(spacing)
-    return affine
 
 
 def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma: float) -> np.ndarray:
@@ -159,16 +153,6 @@ def _modality_image(tissue: np.ndarray, modality: str, rng: np.random.Generator)
 
 
 def _write_case(case_dir: Path, volumes: dict[str, np.ndarray], ras_affine: np.ndarray, codes: tuple[str, ...]) -> None:
-    """Reorient every RAS volume to ``codes`` and write it with a matching affine."""
-    transform = nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
-    )
-    case_dir.mkdir(parents=True, exist_ok=True)
+    """Store every RAS volume of one case in orientation ``codes`` (same world geometry)."""
     for name, ras_volume in volumes.items():
-        data = nib.orientations.apply_orientation(ras_volume, transform)
-        affine = ras_affine @ nib.orientations.inv_ornt_aff(transform, ras_volume.shape)
-        image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-        image.header.set_xyzt_units("mm")
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        nib.save(image, brats_file(case_dir, name))
+        write_oriented_nifti(brats_file(case_dir, name), ras_volume, ras_affine, codes)

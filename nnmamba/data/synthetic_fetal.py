@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
+from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
 from nnmamba.data.landmarks import IMAGES_DIR, LANDMARK_NAMES, POINTS_DIR, POINTS_SUFFIX, write_landmarks
 
 SYNTHETIC_CASE_ID = "fetal-{index:04d}"
@@ -81,21 +81,15 @@ def write_synthetic_fetal(
     for index in range(n_cases):
         rng = np.random.default_rng([seed, index])
         case_id = SYNTHETIC_CASE_ID.format(index=index)
-        ras_affine = _centred_ras_affine(shape, spacing)
+        ras_affine = centred_ras_affine(shape, spacing)
         tissue, points = _paint_brain(shape, ras_affine, rng)
         image = _t2_image(tissue, rng)
         codes = SYNTHETIC_ORIENTATIONS[index % len(SYNTHETIC_ORIENTATIONS)]
-        _write_image(root / IMAGES_DIR / f"{case_id}.nii.gz", image, ras_affine, codes)
+        write_oriented_nifti(root / IMAGES_DIR / f"{case_id}.nii.gz", image, ras_affine, codes)
         system = SYNTHETIC_COORDINATE_SYSTEMS[index % len(SYNTHETIC_COORDINATE_SYSTEMS)]
         write_landmarks(root / POINTS_DIR / f"{case_id}{POINTS_SUFFIX}", points, system)
         case_ids.append(case_id)
     return case_ids
-
-
-def _centred_ras_affine(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
-    affine = np.diag([*map(float, spacing), 1.0])
-    affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * np.asarray(spacing)
-    return affine
 
 
 def _paint_brain(shape: tuple[int, ...], ras_affine: np.ndarray,
@@ -152,16 +146,3 @@ def _t2_image(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.round(image).astype(np.int16)
 
 
-def _write_image(path: Path, ras_volume: np.ndarray, ras_affine: np.ndarray, codes: tuple[str, ...]) -> None:
-    """Store a RAS volume in the orientation ``codes`` with the matching affine (same world geometry)."""
-    transform = nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
-    )
-    data = nib.orientations.apply_orientation(ras_volume, transform)
-    affine = ras_affine @ nib.orientations.inv_ornt_aff(transform, ras_volume.shape)
-    image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, path)

@@ -1,0 +1,99 @@
+"""The paper's Table 5: one ablation table over the three tasks, from each task's evaluated study.
+
+Table 5 puts the ablation rungs of every task on shared rows: the dense tasks (segmentation,
+landmark detection) climb Baseline -> +MIC -> +MICCSS, classification Baseline -> +MICCSS ->
++Sequence, so row k holds the k-th registered variant of each task (`nnmamba.models` registers
+them in that order). `report.ablation` in params.yaml names the study that fills each task's
+columns (the paper: BraTS 2023, the fetal landmarks, ADNI NC vs AD); a task whose study is not
+evaluated yet shows dashes. Segmentation columns are the means over regions (or classes) of Dice
+and HD95, landmark the MRE over all landmarks, classification the AUC, each mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nnmamba.models import available_variants  # noqa: E402
+from pipelines.config import resolve_path  # noqa: E402
+from pipelines.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
+from pipelines.train import METRICS_ROOT  # noqa: E402
+
+# (task, summary metric, column title, scale to the paper's unit); Dice and AUC in %, HD95 and MRE in mm.
+COLUMNS = (
+    ("segmentation", "test_dice_mean", "Dice (%)", 100.0),
+    ("segmentation", "test_hd95_mean", "HD95 (mm)", 1.0),
+    ("landmark", "test_mre_mm_mean", "MRE (mm)", 1.0),
+    ("classification", "test_auc", "AUC (%)", 100.0),
+)
+TASKS = ("segmentation", "landmark", "classification")
+
+
+def load_summaries(studies: dict[str, str]) -> dict[str, dict]:
+    """Each task's test summary ({variant: {metric: {mean, std}}}); {} where the study has none yet."""
+    summaries = {}
+    for task in TASKS:
+        path = resolve_path(METRICS_ROOT) / studies[task] / "test_summary.json" if studies.get(task) else None
+        summaries[task] = json.loads(path.read_text()) if path and path.is_file() else {}
+    return summaries
+
+
+def rungs() -> list[dict[str, str]]:
+    """Row k: the k-th registered variant of every task (Baseline, +MIC / +MICCSS, +MICCSS / +Sequence)."""
+    variants = {task: available_variants(task) for task in TASKS}
+    return [{task: variants[task][k] for task in TASKS} for k in range(min(map(len, variants.values())))]
+
+
+def ablation_table(studies: dict[str, str], summaries: dict[str, dict]) -> str:
+    """Markdown in the shape of Table 5: a method column per variant family, the metrics of each task's study."""
+    header = ["Method", *(f"{studies[t]} {title}" for t, _, title, _ in COLUMNS[:3]),
+              "Method (cls.)", f"{studies['classification']} {COLUMNS[3][2]}"]
+    rows = []
+    for rung in rungs():
+        values = [_value(summaries[task], rung[task], metric, scale) for task, metric, _, scale in COLUMNS]
+        rows.append([VARIANT_LABELS[rung["segmentation"]], *values[:3], VARIANT_LABELS[rung["classification"]],
+                     values[3]])
+    return ("## Ablation over the three tasks (paper Table 5), mean ± std over seeds\n\n" + markdown_table(header, rows)
+            + "\nRows pair the k-th variant of each task: the dense tasks add MIC then CSS, "
+              "classification adds MICCSS then the channel-sequential head.\n")
+
+
+def _value(summary: dict, variant: str, metric: str, scale: float) -> str:
+    stats = summary.get(variant, {}).get(metric)
+    return cell(stats, scale) if stats else "–"
+
+
+def ablation_chart(studies: dict[str, str], summaries: dict[str, dict], path: Path) -> None:
+    """One panel per Table 5 column: each rung's mean with its std over seeds as an error bar."""
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(3.2 * len(COLUMNS), 3.2))
+    for ax, (task, metric, title, scale) in zip(axes, COLUMNS):
+        labels, means, stds = [], [], []
+        for rung in rungs():
+            stats = summaries[task].get(rung[task], {}).get(metric)
+            labels.append(VARIANT_LABELS[rung[task]])
+            means.append(stats["mean"] * scale if stats else 0.0)
+            stds.append(stats["std"] * scale if stats else 0.0)
+        ax.bar(labels, means, yerr=stds, capsize=4, color=["#9e9e9e", "#64b5f6", "#1565c0"][: len(labels)])
+        ax.set_title(f"{studies.get(task) or task}\n{title}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+    fig.suptitle("nnMamba ablation (Table 5 shape)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ablation_report(studies: dict[str, str], out_dir: Path) -> list[Path]:
+    """`ablation_table5.md` and `ablation_table5.png`; nothing while no named study has test results."""
+    summaries = load_summaries(studies)
+    if not any(summaries.values()):
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table, chart = out_dir / "ablation_table5.md", out_dir / "ablation_table5.png"
+    table.write_text(ablation_table(studies, summaries))
+    ablation_chart(studies, summaries, chart)
+    return [table, chart]
