@@ -43,12 +43,15 @@ run_step() {  # run_step NAME SECONDS CHECKOUT LABEL COMMAND...
 S=$SRC/benchmarks
 for step in "$@"; do
   case $step in
-    gpu_tests) run_step gpu_tests 120 "$SRC" branch python3 -m pytest tests/test_ssm.py tests/test_inference.py \
-        tests/test_upsampling.py -q -rA -p no:cacheprovider --junitxml="$RES/gpu_tests.xml" ;;
+    gpu_tests) run_step gpu_tests 150 "$SRC" branch python3 -m pytest tests/test_ssm.py tests/test_inference.py \
+        tests/test_upsampling.py tests/test_models.py tests/test_models_cls.py tests/test_losses.py \
+        -q -rA -p no:cacheprovider --junitxml="$RES/gpu_tests.xml" ;;
     speed) run_step speed 170 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed.json" \
         --shapes amos --configs bf16-cl-graph bf16-cl --check-graph ;;
     speed_more) run_step speed_more 120 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed_more.json" \
         --shapes brats adni --configs bf16-cl-graph ;;
+    profile) run_step profile 90 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/profile_speed.json" \
+        --shapes amos --variants miccss --configs bf16-cl --steps 3 --repeats 1 --profile "$RES" ;;
     speed_main) run_step speed_main 80 "$BASE" main python3 "$BASE/benchmarks/model_speed.py" \
         --out "$RES/model_speed_main.json" --shapes amos --variants baseline miccss ;;
     inference) run_step inference 60 "$SRC" branch python3 "$S/inference_speed.py" --out "$RES/inference.json" \

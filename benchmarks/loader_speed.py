@@ -30,7 +30,7 @@ AUGMENTATION = {"flip_axes": [0, 1, 2], "flip_p": 0.5, "affine_p": 0.2, "scales"
                 "gamma_p": 0.2, "noise_p": 0.1}
 
 
-def write_case(directory: Path, index: int) -> tuple[Path, Path]:
+def write_case(directory: Path, index: int, suffix: str = ".nii.gz") -> tuple[Path, Path]:
     """One case: smooth random 4-channel image, labels 1-3 in nested blobs (like whole tumour / core / enhancing)."""
     rng = np.random.default_rng(index)
     coarse = torch.from_numpy(rng.standard_normal((1, 4, 15, 15, 10)).astype(np.float32))
@@ -39,7 +39,7 @@ def write_case(directory: Path, index: int) -> tuple[Path, Path]:
     centre = np.array([rng.integers(60, s - 60) for s in SHAPE]).reshape(3, 1, 1, 1)
     distance = np.sqrt(((grid - centre) ** 2).sum(0))
     label = np.select([distance < 8, distance < 14, distance < 25], [3, 1, 2], 0).astype(np.uint8)
-    paths = directory / f"case{index:03d}_image.nii.gz", directory / f"case{index:03d}_label.nii.gz"
+    paths = directory / f"case{index:03d}_image{suffix}", directory / f"case{index:03d}_label{suffix}"
     tio.ScalarImage(tensor=image).save(paths[0])
     tio.LabelMap(tensor=torch.from_numpy(label)[None]).save(paths[1])
     return paths
@@ -67,15 +67,16 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--workers", nargs="+", type=int, default=[16])
     parser.add_argument("--batches", type=int, default=60, help="timed batches after the first")
+    parser.add_argument("--suffix", default=".nii.gz", help="file format of the cases (.nii: uncompressed)")
     parser.add_argument("--gpu-step-ms", type=float, required=True, help="measured train step of the GPU to feed")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="loader_speed_"))
     started = time.perf_counter()
     with ProcessPoolExecutor() as pool:
-        pairs = list(pool.map(write_case, itertools.repeat(directory), range(args.cases)))
+        pairs = list(pool.map(write_case, itertools.repeat(directory), range(args.cases), itertools.repeat(args.suffix)))
     results = ResultFile(args.out, {"benchmark": "loader_speed", "volume": [4, *SHAPE], "patch": [128] * 3,
                                     "batch": 2, "samples_per_volume": 8, "queue_length": 64,
-                                    "augmentation": AUGMENTATION, "cases": args.cases,
+                                    "augmentation": AUGMENTATION, "cases": args.cases, "suffix": args.suffix,
                                     "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started})
     images, labels = [p[0] for p in pairs], [p[1] for p in pairs]
     for workers in args.workers:

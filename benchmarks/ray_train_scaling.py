@@ -64,7 +64,7 @@ def _register_in_memory_task(phases: dict[str, float]) -> None:
 
     TASKS[TASK] = TrainingTask(
         name=TASK, selection_metric="val_constant", selection_mode="max", train_loader=loader,
-        loss=lambda: build_loss("segmentation"), validate=lambda *args: [],
+        loss=lambda train: build_loss("segmentation"), validate=lambda *args: [],
         summarise=lambda records: {"val_constant": 0.0},
     )
 
@@ -103,7 +103,7 @@ def trial_config(dataset_dir: Path, phase_dir: Path, epochs: int, steps: int, sm
         train.update(patch_size=[32, 32, 32], amp="none", channels_last=False)
         kwargs = {"base_channels": 4, "blocks_per_stage": 2}
     return {"config": {"task": TASK, "train": train}, "dataset_dir": str(dataset_dir), "train_cases": [],
-            "val_cases": [], "seed": 0, "phase_dir": str(phase_dir),
+            "val_cases": [], "seed": 0, "phase_dir": str(phase_dir), "init_dir": None,
             "arch": {"task": "segmentation", "variant": "miccss", "in_channels": 1, "out_channels": 16,
                      "kwargs": kwargs}}
 

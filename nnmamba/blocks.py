@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from nnmamba.ssm import Mamba
+from nnmamba.ssm import Mamba, Projections
 
 SSMFactory = Callable[[int], nn.Module]
 
@@ -42,23 +42,29 @@ class ChannelSpatialSiamese(nn.Module):
     """CSS: one SSM with shared weights applied to the sequence and its flips, averaged.
 
     Views are the sequence itself and its flips over the token dim, the channel dim, and both
-    (Algorithm 1 of the paper). They are concatenated along the batch so the SSM runs ONCE on
-    4B sequences: one kernel launch sequence instead of four, same result. The flips are
-    composed (channel views first, then the token flip of both) so that building the views and
-    undoing them takes two flips each way instead of three.
+    (Algorithm 1 of the paper), all in ONE SSM call. A channel flip of the input is a column
+    flip of the in projection, and undoing it on the output a row flip of the out projection, so
+    the channel views are weight variants (`Projections`, groups=2) whose outputs the out
+    projection already sums; only the token flip is a flipped copy of the data, once each way.
+    The 1/4 of the average is folded into the out projection (exact: a power of two).
     """
 
-    def __init__(self, ssm: nn.Module):
+    def __init__(self, ssm: Mamba):
         super().__init__()
         self.ssm = ssm
 
+    def projections(self) -> Projections:
+        """The (plain, channel-flipped) projection pair, out projection scaled by 1/4."""
+        in_proj, out_proj = self.ssm.in_proj, self.ssm.out_proj
+        in_bias = None if in_proj.bias is None else torch.cat([in_proj.bias, in_proj.bias])
+        out_weight = torch.cat([out_proj.weight, out_proj.weight.flip(0)], dim=1) / 4
+        out_bias = None if out_proj.bias is None else (out_proj.bias + out_proj.bias.flip(0)) / 4
+        return Projections(torch.cat([in_proj.weight, in_proj.weight.flip(1)]), in_bias, out_weight, out_bias, 2)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        channel_views = torch.cat([tokens, tokens.flip(2)], dim=0)
-        views = torch.cat([channel_views, channel_views.flip(1)], dim=0)
-        forward_views, token_flipped = self.ssm(views).chunk(2, dim=0)
-        channel_sum = forward_views + token_flipped.flip(1)
-        plain, channel_flipped = channel_sum.chunk(2, dim=0)
-        return (plain + channel_flipped.flip(2)) / 4
+        views = torch.cat([tokens, tokens.flip(1)], dim=0)
+        plain, token_flipped = self.ssm.forward_projected(views, self.projections()).chunk(2, dim=0)
+        return plain + token_flipped.flip(1)
 
 
 class MambaInConv(nn.Module):
@@ -69,6 +75,7 @@ class MambaInConv(nn.Module):
     """
 
     def __init__(self, channels: int, ssm: nn.Module, siamese: bool):
+        """`ssm` maps [B, L, C] -> [B, L, C]; with `siamese` it must be a `Mamba` (CSS uses its projections)."""
         super().__init__()
         self.conv_in = ConvNormAct(channels, channels, kernel_size=1)
         self.ssm = ChannelSpatialSiamese(ssm) if siamese else ssm

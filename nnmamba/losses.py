@@ -15,13 +15,30 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 
+class ContiguousLogits(nn.Module):
+    """Hands `loss` a contiguous (NCDHW) copy of channels-last logits; same values, same gradient.
+
+    MONAI builds the one-hot target contiguous; with channels_last_3d logits every product and
+    sum of the Dice and cross-entropy terms then mixes two memory layouts, which PyTorch runs on
+    slow strided kernels (one such multiply took 1.5 ms per step at 2 x 16 x 128^3 on an H100).
+    One copy of the logits to the target's layout is far cheaper.
+    """
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(prediction.contiguous(), target)
+
+
 def segmentation_loss(**kw: Any) -> nn.Module:
     """Dice + cross-entropy on logits [B, K, D, H, W] against int64 labels [B, 1, D, H, W] (nnU-Net's loss).
 
     The labels are one-hot encoded and the logits softmaxed inside the loss; ``kw`` overrides any
     other ``monai.losses.DiceCELoss`` argument.
     """
-    return DiceCELoss(**{"to_onehot_y": True, "softmax": True, **kw})
+    return ContiguousLogits(DiceCELoss(**{"to_onehot_y": True, "softmax": True, **kw}))
 
 
 class WeightedHeatmapMSE(nn.Module):

@@ -4,18 +4,21 @@ nnMamba drops Mamba into 3D CNNs, where the training machines may or may not hav
 kernels of mamba-ssm / causal-conv1d. So the block keeps exactly the parameters (names, shapes,
 initialisation) of `mamba_ssm.modules.mamba_simple.Mamba` and picks its arithmetic per call:
 
-* "cuda": upstream's fused `mamba_inner_fn` (imported lazily; never at `import nnmamba.ssm`),
+* "cuda": the compiled selective-scan and causal-conv1d kernels of mamba-ssm / causal-conv1d,
+  driven by `nnmamba.ssm_kernels` (imported lazily; never at `import nnmamba.ssm`),
 * "torch": plain PyTorch ops around `selective_scan`, a parallel scan with its own backward.
 
 Checkpoints therefore move freely between the two back ends and the upstream module.
+Both back ends can also run several variants of the in/out projections in one call
+(`Projections`), which is how the Channel-Spatial Siamese views are computed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,24 +34,11 @@ BACKENDS = ("auto", "cuda", "torch")
 _CHUNK_ELEMENTS = 1 << 27
 
 
-@functools.cache
 def cuda_kernels_available() -> bool:
-    """True when the mamba-ssm and causal-conv1d CUDA kernels import on this machine.
+    """True when the mamba-ssm and causal-conv1d CUDA kernels import on this machine (cached)."""
+    from nnmamba.ssm_kernels import kernels_importable
 
-    Cached because a failed import of a CUDA extension is slow and never changes in a process.
-    """
-    try:
-        import causal_conv1d  # noqa: F401
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return True
-
-
-def _mamba_inner_fn() -> Callable[..., Tensor]:
-    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-
-    return mamba_inner_fn
+    return kernels_importable()
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +348,24 @@ def selective_scan_sequential(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Projections:
+    """`groups` variants of a Mamba block's in/out projections, run as one SSM call.
+
+    in_weight [groups*2*d_inner, d_model] (+ in_bias) stacks the variants' in projections;
+    out_weight [d_out, groups*d_inner] (+ out_bias) holds their out projections side by side, so
+    the one matrix product that applies them also sums the variants' outputs. A flip of the
+    input's (output's) channels is a flip of in_weight's columns (out_weight's rows): the
+    Channel-Spatial Siamese views need no flipped copy of the data for their channel flips.
+    """
+
+    in_weight: Tensor
+    in_bias: Tensor | None
+    out_weight: Tensor
+    out_bias: Tensor | None
+    groups: int
+
+
 class Mamba(nn.Module):
     """Mamba block, [batch, L, d_model] -> [batch, L, d_model]; state_dict of mamba_ssm.Mamba.
 
@@ -440,34 +448,46 @@ class Mamba(nn.Module):
             return "cuda"
         return "cuda" if on_cuda and cuda_kernels_available() else "torch"
 
+    def projections(self) -> Projections:
+        """The block's own in/out projections (one variant)."""
+        return Projections(self.in_proj.weight, self.in_proj.bias, self.out_proj.weight, self.out_proj.bias, 1)
+
     def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.forward_projected(hidden_states, self.projections())
+
+    def forward_projected(self, hidden_states: Tensor, projections: Projections) -> Tensor:
+        """The block with `projections` in place of in_proj/out_proj: [n, L, d_model] -> [n, L, d_out].
+
+        Each of the G projection variants runs the SSM core (conv1d, selective scan; shared
+        weights) on every sequence, and the out projection sums the G results per sequence.
+        """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(
                 f"Mamba: expected input [batch, length, {self.d_model}], got {tuple(hidden_states.shape)}"
             )
         self.last_backend = self.backend_for(hidden_states.device)
-        xz = self._in_projection(hidden_states)
         # A, D and the dt bias stay in (at least) float32 even in a half-precision module, as upstream.
         A = -torch.exp(_at_least_float32(self.A_log))
         D, dt_bias = _at_least_float32(self.D), _at_least_float32(self.dt_proj.bias)
+        p = projections
         if self.last_backend == "cuda":
-            return _mamba_inner_fn()(
-                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                self.out_proj.weight, self.out_proj.bias, A, None, None, D,
-                delta_bias=dt_bias, delta_softplus=True,
+            from nnmamba.ssm_kernels import mamba_kernels_forward
+
+            return mamba_kernels_forward(
+                hidden_states, p.in_weight, p.in_bias, self.conv1d.weight.view(self.d_inner, self.d_conv),
+                self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A, D, dt_bias, p.out_weight, p.out_bias,
+                p.groups,
             )
-        return self._torch_forward(xz, A, D, dt_bias)
-
-    def _in_projection(self, hidden_states: Tensor) -> Tensor:
-        """in_proj as [batch, 2*d_inner, L] with L contiguous: the layout the CUDA kernels expect."""
         batch, length, _ = hidden_states.shape
-        flat = hidden_states.reshape(batch * length, self.d_model)
-        xz = (self.in_proj.weight @ flat.t()).view(2 * self.d_inner, batch, length).transpose(0, 1)
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias.to(xz.dtype).unsqueeze(-1)
-        return xz
+        xz = torch.matmul(p.in_weight, hidden_states.transpose(1, 2))
+        if p.in_bias is not None:
+            xz = xz + p.in_bias.to(xz.dtype).unsqueeze(-1)
+        y = self._torch_core(xz.reshape(batch * p.groups, 2 * self.d_inner, length), A, D, dt_bias)
+        out = torch.matmul(y.reshape(batch, p.groups * self.d_inner, length).transpose(1, 2), p.out_weight.t())
+        return out if p.out_bias is None else out + p.out_bias.to(out.dtype)
 
-    def _torch_forward(self, xz: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor) -> Tensor:
+    def _torch_core(self, xz: Tensor, A: Tensor, D: Tensor, dt_bias: Tensor) -> Tensor:
+        """[b, 2*d_inner, L] -> gated scan output [b, d_inner, L]: conv1d, x/dt projections, selective scan."""
         batch, _, length = xz.shape
         x, z = xz.chunk(2, dim=1)
         x = F.silu(self.conv1d(x)[..., :length])  # padding d_conv-1 then truncation: a causal conv
@@ -475,5 +495,4 @@ class Mamba(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (self.dt_proj.weight @ dt.t()).view(self.d_inner, batch, length).transpose(0, 1)
         B, C = (m.view(batch, length, self.d_state).transpose(1, 2) for m in (B, C))
-        y = selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))
+        return selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True)

@@ -111,7 +111,13 @@ def train_loop(trial: dict) -> None:
     model = model_from_arch(trial["arch"])
     if train["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)
-    model = ray.train.torch.prepare_model(model)
+    # The step's graph never changes (static_graph: DDP records once which parameters get
+    # gradients, and the shared MIC branches used twice per step need no extra bookkeeping), and
+    # gradients live in the all-reduce buckets (gradient_as_bucket_view: no copy into and out of
+    # them, and no second set of gradient-sized buffers).
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"static_graph": True, "gradient_as_bucket_view": True}
+    )
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     # A CUDA-graph replayed step needs one GPU per trial: DDP steps are not captured.
     graphed = train.get("cuda_graph", False) and device.type == "cuda" and world == 1

@@ -56,3 +56,17 @@ def test_loss_decreases_as_the_prediction_moves_toward_the_target() -> None:
 def test_unknown_task_names_it_and_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"'segmentaton'.*segmentation"):
         build_loss("segmentaton")
+
+
+def test_segmentation_loss_is_the_same_for_channels_last_logits() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 6, 4, dtype=torch.float64)
+    labels = torch.randint(0, 4, (2, 1, 8, 6, 4))
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last_3d):
+        leaf = logits.clone(memory_format=memory_format).requires_grad_()
+        loss = build_loss("segmentation")(leaf, labels)
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-15)

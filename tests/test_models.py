@@ -36,18 +36,30 @@ def test_non_first_blocks_of_a_stage_share_one_global_branch():
         assert all(block.global_branch is rest[0].global_branch for block in rest)
 
 
-def test_batched_css_equals_four_separate_ssm_calls():
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_css_equals_four_separate_ssm_calls(bias):
+    """Outputs and every parameter gradient; with biases the flipped projections' biases are exercised."""
     torch.manual_seed(0)
-    ssm = Mamba(6, d_state=4, backend="torch").double()
+    ssm = Mamba(6, d_state=4, bias=bias, backend="torch").double()
+    with torch.no_grad():
+        for name, param in ssm.named_parameters():
+            if name in ("in_proj.bias", "out_proj.bias"):
+                param.normal_()
     css = ChannelSpatialSiamese(ssm)
     tokens = torch.randn(3, 17, 6, dtype=torch.float64)
+    weights = torch.randn(3, 17, 6, dtype=torch.float64)
     reference = (
         ssm(tokens)
         + ssm(tokens.flip(1)).flip(1)
         + ssm(tokens.flip(2)).flip(2)
         + ssm(tokens.flip(1, 2)).flip(1, 2)
     ) / 4
-    torch.testing.assert_close(css(tokens), reference)
+    reference_grads = torch.autograd.grad((reference * weights).sum(), list(ssm.parameters()))
+    out = css(tokens)
+    grads = torch.autograd.grad((out * weights).sum(), list(ssm.parameters()))
+    torch.testing.assert_close(out, reference)
+    for (name, _), grad, reference_grad in zip(ssm.named_parameters(), grads, reference_grads):
+        torch.testing.assert_close(grad, reference_grad, msg=name)
 
 
 def test_mic_sees_the_volume_as_a_voxel_sequence():

@@ -382,6 +382,62 @@ def test_cuda_backend_matches_torch_backend(shape, exact_fp32):
         assert relative_error(p_fast.grad, p_ref.grad) < 1e-3, name
 
 
+CSS_GPU_SHAPES = [
+    # batch, length, d_model, d_state, bias
+    (2, 4096, 16, 16, False),  # two of the kernel's 2048-step chunks
+    (1, 37, 24, 8, True),  # projection biases on
+    (2, 7, 64, 16, False),  # the classifier's 7-token sequence
+]
+
+
+@pytest.mark.gpu
+@needs_kernels
+@pytest.mark.parametrize("shape", CSS_GPU_SHAPES, ids=str)
+def test_css_cuda_backend_matches_torch_backend(shape, exact_fp32):
+    """The grouped (channel-flip) projections through the kernels' Function against the torch path."""
+    from nnmamba.blocks import ChannelSpatialSiamese
+
+    batch, length, d_model, d_state, bias = shape
+    torch.manual_seed(0)
+    reference = Mamba(d_model, d_state=d_state, bias=bias, backend="torch").cuda()
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in ("in_proj.bias", "out_proj.bias", "conv1d.bias"):
+                param.normal_()
+    fast = Mamba(d_model, d_state=d_state, bias=bias, backend="cuda").cuda()
+    fast.load_state_dict(reference.state_dict())
+    hidden = torch.randn(batch, length, d_model, device="cuda")
+    weights = torch.randn(batch, length, d_model, device="cuda")
+    outputs = {}
+    for name, block in (("torch", reference), ("cuda", fast)):
+        leaf = hidden.clone().requires_grad_()
+        out = ChannelSpatialSiamese(block)(leaf)
+        (out * weights).sum().backward()
+        assert block.last_backend == name
+        outputs[name] = (out.detach(), leaf.grad)
+    assert relative_error(outputs["cuda"][0], outputs["torch"][0]) < 1e-3
+    assert relative_error(outputs["cuda"][1], outputs["torch"][1]) < 1e-3
+    for (name, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
+        assert relative_error(p_fast.grad, p_ref.grad) < 1e-3, name
+
+
+@pytest.mark.gpu
+@needs_kernels
+def test_cuda_backend_under_bfloat16_autocast_is_close_to_float32():
+    torch.manual_seed(0)
+    block = Mamba(32, backend="cuda").cuda()
+    hidden = torch.randn(2, 3000, 32, device="cuda", requires_grad=True)
+    reference = block(hidden)
+    (reference_grad,) = torch.autograd.grad(reference.square().sum(), hidden)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = block(hidden)
+    (grad,) = torch.autograd.grad(out.float().square().sum(), hidden)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, reference) < 3e-2
+    assert relative_error(grad, reference_grad) < 5e-2
+    assert all(p.dtype == torch.float32 for p in block.parameters())
+
+
 @pytest.mark.gpu
 @needs_kernels
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
