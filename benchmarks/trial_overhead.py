@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,10 +33,10 @@ from pathlib import Path
 
 import psutil
 import ray
-import torch
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import REPO, code_version, machine
+
 sys.path.insert(0, str(REPO))
 
 from pipelines.config import deep_merge  # noqa: E402
@@ -56,14 +55,6 @@ TINY = {
               "samples_per_volume": 2, "queue_length": 4},
     "mlflow": {"register_models": False},
 }
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__}
 
 
 def copy_project(root: Path, overrides: dict) -> None:
@@ -132,7 +123,8 @@ def main() -> None:
     result = {
         "benchmark": "train stage wall time, tiny CPU study, fresh local Ray per run",
         "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+        "machine": {**machine(), "ray": ray.__version__},
+        "code": code_version(),
         "trials": trials,
         "max_concurrent_trials": 2,
         "load_average_1min": {"min": min(load), "max": max(load)},
@@ -148,7 +140,7 @@ def main() -> None:
             for name in SETTINGS
         },
     }
-    out = REPO / "benchmarks" / "results" / f"trial_overhead_{platform.node()}.json"
+    out = REPO / "benchmarks" / "results" / "cpu_vm" / "trial_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
