@@ -15,6 +15,10 @@ worker process start -> train function entered -> CUDA context -> kernels import
 collective -> model built and on the GPU inside `train_loop` (stamped when the loop asks the task
 for its loader, right after `prepare_model`).
 
+Each mode runs every GPU count, and efficiency compares a mode's N-GPU samples/s with the same
+mode's 1 GPU: "graph" (`train.cuda_graph: true`, the whole DDP step replayed as a CUDA graph, as the
+`paper` profile trains) and "eager".
+
     python benchmarks/ray_train_scaling.py --out benchmarks/results/ray_train_scaling.json --gpus 1 2 4
 """
 
@@ -93,11 +97,11 @@ def timed_train_loop(trial: dict) -> None:
         "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", *WORKER_ENV)}}))
 
 
-def trial_config(dataset_dir: Path, phase_dir: Path, epochs: int, steps: int, smoke: bool) -> dict:
+def trial_config(dataset_dir: Path, phase_dir: Path, epochs: int, steps: int, smoke: bool, cuda_graph: bool) -> dict:
     """The dict `train_loop` expects from the train stage: the paper's segmentation setting, or a tiny CPU one."""
     train = {"epochs": epochs, "steps_per_epoch": steps, "batch_size": 2, "patch_size": [128, 128, 128],
              "optimizer": {"name": "adam", "lr": 0.002, "weight_decay": 0.001}, "amp": "bf16",
-             "channels_last": True, "val_every": 1000}
+             "channels_last": True, "cuda_graph": cuda_graph, "val_every": 1000}
     kwargs = {}
     if smoke:
         train.update(patch_size=[32, 32, 32], amp="none", channels_last=False)
@@ -113,22 +117,22 @@ def run(gpus: int, trial: dict, storage: Path, use_gpu: bool) -> dict:
     from ray.train.torch import TorchTrainer
 
     started = time.time()
+    train = trial["config"]["train"]
     trainer = TorchTrainer(
         timed_train_loop, train_loop_config=trial,
         scaling_config=ray.train.ScalingConfig(num_workers=gpus, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": 2, "GPU": 1} if use_gpu else {"CPU": 1}),
-        run_config=ray.train.RunConfig(name=f"scaling-{gpus}gpu", storage_path=str(storage),
+        run_config=ray.train.RunConfig(name=f"scaling-{gpus}gpu-{'graph' if train['cuda_graph'] else 'eager'}", storage_path=str(storage),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
     finished = time.time()
-    train = trial["config"]["train"]
     phases = [json.loads(p.read_text()) for p in sorted(Path(trial["phase_dir"]).glob(f"world{gpus}_rank*.json"))]
     step_seconds = steady_step_seconds(phases[0]["batch_times"], train["steps_per_epoch"]) if phases else []
     relative = [{k: round(v - p["train_function_entered"], 3) for k, v in p.items() if isinstance(v, float)}
                 for p in phases]
     mean_step = sum(step_seconds) / len(step_seconds) if step_seconds else None
-    return {"gpus": gpus, "fit_wall_s": finished - started, "steady_step_s_per_epoch": step_seconds,
+    return {"gpus": gpus, "cuda_graph": train["cuda_graph"], "fit_wall_s": finished - started, "steady_step_s_per_epoch": step_seconds,
             "samples_per_s": gpus * train["batch_size"] / mean_step if mean_step else None,
             "worker_phases_s_since_train_function_entered": relative,
             "worker_process_start_s_after_fit_start": [round(p["process_start"] - started, 3) for p in phases],
@@ -147,6 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     parser.add_argument("--smoke", action="store_true", help="tiny network on the CPU (gloo): checks the wiring")
@@ -156,7 +161,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ray_scaling_"))
     (work / "data").mkdir()
     (work / "data" / "dataset.json").write_text(json.dumps({"cases": {}}))
-    (work / "phases").mkdir()
     env = {**WORKER_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     ray.init(address="local", num_gpus=torch.cuda.device_count(), num_cpus=2 if args.smoke else None,
              include_dashboard=False,
@@ -164,20 +168,24 @@ def main() -> None:
     ray_ready = time.time() - started
     payload = {"benchmark": "ray_train_scaling", "ray": ray.__version__, "machine": machine(),
                "ray_init_s": ray_ready, "runs": []}
-    trial = trial_config(work / "data", work / "phases", args.epochs, args.steps, args.smoke)
-    for gpus in args.gpus:
-        if (gpus > torch.cuda.device_count() and not args.smoke) or time.time() - started > args.deadline_s:
-            print(f"{gpus} GPU(s): skipped", flush=True)
-            continue
-        entry = run(gpus, trial, work / "results", use_gpu=not args.smoke)
-        payload["runs"].append(entry)
-        one = next((r["samples_per_s"] for r in payload["runs"] if r["gpus"] == 1), None)
-        if one and entry["samples_per_s"]:
-            entry["scaling_efficiency"] = entry["samples_per_s"] / (gpus * one)
-        args.out.write_text(json.dumps(payload, indent=2, default=str))
-        print(f"Ray Train {gpus} GPU(s): {entry['samples_per_s']} samples/s, efficiency "
-              f"{entry.get('scaling_efficiency')}, fit {entry['fit_wall_s']:.0f} s, phases "
-              f"{entry['worker_phases_s_since_train_function_entered'][:1]}", flush=True)
+    for mode in args.modes:
+        graphed = mode == "graph" and not args.smoke  # CUDA graphs only exist on the GPU
+        (work / mode).mkdir()
+        trial = trial_config(work / "data", work / mode, args.epochs, args.steps, args.smoke, graphed)
+        for gpus in args.gpus:
+            if (gpus > torch.cuda.device_count() and not args.smoke) or time.time() - started > args.deadline_s:
+                print(f"{mode} {gpus} GPU(s): skipped", flush=True)
+                continue
+            entry = run(gpus, trial, work / "results", use_gpu=not args.smoke)
+            entry["mode"] = mode
+            payload["runs"].append(entry)
+            one = next((r["samples_per_s"] for r in payload["runs"] if r["gpus"] == 1 and r["mode"] == mode), None)
+            if one and entry["samples_per_s"]:
+                entry["scaling_efficiency"] = entry["samples_per_s"] / (gpus * one)
+            args.out.write_text(json.dumps(payload, indent=2, default=str))
+            print(f"Ray Train {mode} {gpus} GPU(s): {entry['samples_per_s']} samples/s, efficiency "
+                  f"{entry.get('scaling_efficiency')}, fit {entry['fit_wall_s']:.0f} s, phases "
+                  f"{entry['worker_phases_s_since_train_function_entered'][:1]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -61,20 +61,45 @@ def repeat_batches(loader: Iterable) -> Iterator:
         yield from loader
 
 
+@contextlib.contextmanager
+def capture_ready_stream(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Run the block (build the DistributedDataParallel wrapper) on a side CUDA stream, joined back after.
+
+    DDP keeps every parameter's gradient accumulator (an autograd node) for its whole life, and
+    each remembers the stream it was created on. Built on the default (legacy) stream, the
+    backward of a captured step then makes that stream wait on the capturing one, which CUDA
+    refuses ("operation would make the legacy stream depend on a capturing blocking stream");
+    PyTorch's CUDA Graphs notes build DDP on a side stream for this reason. A no-op off the GPU.
+    """
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
 class CapturedTrainStep:
     """One training step (forward, loss, backward, optimizer step) recorded once as a CUDA graph, then replayed.
 
     The nnMamba step launches a few thousand kernels, many of them small; launched one by one
     from Python the CPU took longer than the GPU ran them (H200, segmentation miccss: 73 ms per
     step for 46 ms of kernels). A replayed graph launches them all at once. Needs fixed input
-    shapes (patch and batch size), a single process (DDP steps are not captured) and an optimizer
-    built with `capturable=True`. The first `warmup` calls run eagerly on a side stream (cuDNN
-    picks its algorithms, lazy state is created), as CUDA graph capture requires; every call
-    trains on its batch.
+    shapes (patch and batch size) and an optimizer built with `capturable=True`.
+
+    `model` may be wrapped in DistributedDataParallel (NCCL, `static_graph=True`, the wrapper built
+    inside `capture_ready_stream`): the graph then holds the gradient all-reduces too, which every
+    rank replays in the same order. The first
+    `warmup` calls run eagerly on a side stream, as CUDA graph capture requires: cuDNN picks its
+    algorithms, lazy state is created and DDP builds its buckets and, with a static graph,
+    settles its bucket order after the first iterations; PyTorch's CUDA Graphs notes ask for 11
+    warm-up iterations under DDP, so that is the default. Every call trains on its batch.
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 dtype: torch.dtype | None, warmup: int = 3):
+                 dtype: torch.dtype | None, warmup: int = 11):
         self.model, self.loss_fn, self.optimizer, self.dtype = model, loss_fn, optimizer, dtype
         self.warmup_left = warmup
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from nnmamba.checkpoint import load_bundle, model_from_arch
-from nnmamba.engine import CapturedTrainStep, amp_dtype, build_optimizer, repeat_batches, train_epoch
+from nnmamba.engine import (CapturedTrainStep, amp_dtype, build_optimizer, capture_ready_stream, repeat_batches,
+                            train_epoch)
 from nnmamba.tasks import TrainingTask, get_task
 
 STATE_FILE = "state.pt"
@@ -111,16 +112,19 @@ def train_loop(trial: dict) -> None:
     model = model_from_arch(trial["arch"])
     if train["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)
+    # The replayed graph holds DDP's NCCL all-reduces too, so any number of GPUs per trial works.
+    graphed = train.get("cuda_graph", False) and device.type == "cuda"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the CUDA streams made below belong to this worker's GPU
     # The step's graph never changes (static_graph: DDP records once which parameters get
     # gradients, and the shared MIC branches used twice per step need no extra bookkeeping), and
     # gradients live in the all-reduce buckets (gradient_as_bucket_view: no copy into and out of
     # them, and no second set of gradient-sized buffers).
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"static_graph": True, "gradient_as_bucket_view": True}
-    )
+    with capture_ready_stream(device, enabled=graphed):
+        model = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"static_graph": True, "gradient_as_bucket_view": True}
+        )
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    # A CUDA-graph replayed step needs one GPU per trial: DDP steps are not captured.
-    graphed = train.get("cuda_graph", False) and device.type == "cuda" and world == 1
     optimizer = build_optimizer(bare, **train["optimizer"], capturable=graphed)
     state = _restore(bare, optimizer, device)
     if state is None and trial["init_dir"]:
