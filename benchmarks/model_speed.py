@@ -166,8 +166,6 @@ def measure(task: str, variant: str, shape: Shape, config: Config, steps: int, r
             runner(image)
 
     infer_times = cuda_time_ms(infer, repeats=max(5, repeats * 2), warmup=2)
-    del model, runner, optimizer, captured
-    torch.cuda.empty_cache()
     return {**size, "train_step": summary(step_times), "inference": summary(infer_times), "peak_memory_gib": peak,
             "reserved_memory_gib": reserved, "first_steps_s": first_steps_s, "steps_per_timing": steps}
 
@@ -221,6 +219,7 @@ def main() -> None:
                 continue
             entry = {"task": task, "variant": variant, "shape": shape.name, "config": str(config),
                      **measure(task, variant, shape, config, args.steps, args.repeats)}
+            torch.cuda.empty_cache()  # the measured model is gone with measure()'s frame
             if config.graph and args.check_graph:
                 entry["graph_vs_eager_max_relative_loss_difference"] = graph_matches_eager(task, variant, shape, config)
             results.add(entry)
