@@ -295,14 +295,8 @@ def prepare_dataset(
     fingerprint and plan) to their content, written in the same atomic swap.
     Returns the dataset.json content.
     """
-    out_dir = Path(out_dir)
     channels = _common_channels(cases)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling (same filesystem, so the final rename is atomic); plain
-    # mkdir rather than mkdtemp so the result gets the usual umask permissions.
-    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
-    staging.mkdir()
-    try:
+    with staged_directory(Path(out_dir)) as staging:
         (staging / "images").mkdir()
         (staging / "labels").mkdir()
         entries, seen_labels = {}, set()
@@ -313,10 +307,6 @@ def prepare_dataset(
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
         for name, content in (metadata or {}).items():
             (staging / name).write_text(json.dumps(content, indent=2))
-        replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return dataset
 
 
@@ -366,7 +356,7 @@ def _label_names(label_values: Collection[int] | None, seen_labels: set[int]) ->
     return {str(v): str(v) for v in values}
 
 
-def replace_directory(new: Path, target: Path) -> None:
+def _replace_directory(new: Path, target: Path) -> None:
     """Rename ``new`` onto ``target``; an existing ``target`` is restored if the swap fails.
 
     rename(2) cannot replace a non-empty directory, hence the move-aside.
@@ -393,11 +383,13 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A unique sibling (same filesystem, so the final rename is atomic); plain mkdir rather
+    # than mkdtemp so the result gets the usual umask permissions.
     staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
     staging.mkdir()
     try:
         yield staging
-        replace_directory(staging, out_dir)
+        _replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

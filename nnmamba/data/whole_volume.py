@@ -11,8 +11,6 @@ dataset.json instead of a label map, so the same loaders and split code read bot
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from tqdm import tqdm
 
 from nnmamba.data.cases import ClassifiedCase
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, replace_directory
+from nnmamba.data.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, staged_directory
 
 MASK_KEY = "head"
 
@@ -70,12 +68,9 @@ def prepare_classification_dataset(
     binary metrics. As for segmentation, everything is written to a temporary sibling that
     replaces ``out_dir`` only when every case succeeded. Returns the dataset.json content.
     """
-    out_dir = Path(out_dir)
     selected = _select_cases(cases, classes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
-    (staging / "images").mkdir(parents=True)
-    try:
+    with staged_directory(Path(out_dir)) as staging:
+        (staging / "images").mkdir()
         entries = {}
         for case in tqdm(selected, desc="prepare", unit="case", disable=not progress):
             entries[case.case_id] = _prepare_case(case, staging, classes, spacing, shape)
@@ -85,10 +80,6 @@ def prepare_classification_dataset(
             "cases": entries,
         }
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
-        replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return dataset
 
 
