@@ -86,17 +86,28 @@ def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma: float
     return (field - field.mean()) / field.std()
 
 
-def _paint_head(shape: tuple[int, ...], spacing: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
-    """Integer tissue map (codes above) of one head with one tumour, RAS voxel order."""
+def paint_head_layers(shape: tuple[int, ...], spacing: tuple[float, ...], head_scale: np.ndarray,
+                      rng: np.random.Generator, white_outer: float = WHITE_OUTER
+                      ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Scalp, CSF, grey and white matter (codes above) of an irregular ellipsoidal head, RAS voxel order.
+
+    Returns the voxel centres in mm (centred grid), the tissue map and the brain's semi-axes
+    (mm), where the callers place their own structures (tumour, ventricles, hippocampi).
+    """
     mm = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)], indexing="ij")
-    head_semi = HEAD_FRACTION * np.asarray(shape) * np.asarray(spacing) * rng.uniform(0.95, 1.05, 3)
+    head_semi = HEAD_FRACTION * np.asarray(shape) * np.asarray(spacing) * head_scale
     radius = _ellipsoid_radius(mm, np.zeros(3), head_semi) + 0.02 * _smooth_field(shape, rng, 4.0)
     tissue = np.full(shape, BACKGROUND, dtype=np.uint8)
     tissue[radius < 1.0] = SCALP
     tissue[radius < SKULL_INNER] = CSF
     tissue[radius < BRAIN_OUTER] = GREY
-    tissue[radius + 0.03 * _smooth_field(shape, rng, 1.5) < WHITE_OUTER] = WHITE
-    brain_semi = BRAIN_OUTER * head_semi
+    tissue[radius + 0.03 * _smooth_field(shape, rng, 1.5) < white_outer] = WHITE
+    return mm, tissue, BRAIN_OUTER * head_semi
+
+
+def _paint_head(shape: tuple[int, ...], spacing: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """Integer tissue map (codes above) of one head with one tumour, RAS voxel order."""
+    mm, tissue, brain_semi = paint_head_layers(shape, spacing, rng.uniform(0.95, 1.05, 3), rng)
     for side in (-1.0, 1.0):
         centre = brain_semi * np.array([0.14 * side, 0.05, 0.12])
         tissue[_ellipsoid_radius(mm, centre, brain_semi * np.array([0.09, 0.28, 0.14])) < 1.0] = VENTRICLE

@@ -26,9 +26,12 @@ import numpy as np
 from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
 from nnmamba.data.adni import ADNI_DIAGNOSES, MANIFEST_NAME, adni_case_id
 from nnmamba.data.synthetic import (
+    BACKGROUND,
+    CSF,
     SYNTHETIC_ORIENTATIONS,
     _ellipsoid_radius,
     _smooth_field,
+    paint_head_layers,
 )
 
 POSITIVE = {"AD": True, "pMCI": True, "NC": False, "sMCI": False}
@@ -40,9 +43,9 @@ PROGRESSION = 0.15            # extra strength of a finding at the second visit
 NATURAL_VARIATION = 0.08      # relative size jitter of every structure, findings or not
 VISITS = ("bl", "m12")
 
-BACKGROUND, SCALP, CSF, GREY, WHITE, HIPPOCAMPUS = range(6)
+HIPPOCAMPUS = 5               # tissue code after synthetic.py's BACKGROUND, SCALP, CSF, GREY, WHITE
 T1_INTENSITY = np.array([0.0, 0.55, 0.20, 0.55, 0.75, 0.60]) * 1000.0
-HEAD_FRACTION, SKULL_INNER, BRAIN_OUTER, WHITE_OUTER = 0.42, 0.88, 0.82, 0.62
+WHITE_OUTER = 0.62            # white matter radius relative to the head surface (BraTS heads: 0.66)
 NOISE_STD, TEXTURE_STD, BIAS_STRENGTH = 0.02, 0.04, 0.25
 # Structure centres and semi-axes as fractions of the brain's semi-axes (RAS; x < 0 is left).
 VENTRICLE_CENTRE, VENTRICLE_SEMI = np.array([0.16, 0.05, 0.20]), np.array([0.10, 0.30, 0.15])
@@ -116,16 +119,8 @@ def _findings(diagnosis: str, index: int) -> tuple[float, float]:
 def _paint_head(shape: tuple[int, ...], spacing: tuple[float, ...], anatomy: dict, atrophy: float,
                 enlargement: float) -> np.ndarray:
     """Integer tissue map (codes above), RAS voxel order."""
-    mm = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)], indexing="ij")
-    head_semi = HEAD_FRACTION * np.asarray(shape) * np.asarray(spacing) * anatomy["head"]
-    field_rng = np.random.default_rng(anatomy["fields"])
-    radius = _ellipsoid_radius(mm, np.zeros(3), head_semi) + 0.02 * _smooth_field(shape, field_rng, 4.0)
-    tissue = np.full(shape, BACKGROUND, dtype=np.uint8)
-    tissue[radius < 1.0] = SCALP
-    tissue[radius < SKULL_INNER] = CSF
-    tissue[radius < BRAIN_OUTER] = GREY
-    tissue[radius + 0.03 * _smooth_field(shape, field_rng, 1.5) < WHITE_OUTER] = WHITE
-    brain_semi = BRAIN_OUTER * head_semi
+    mm, tissue, brain_semi = paint_head_layers(shape, spacing, anatomy["head"],
+                                               np.random.default_rng(anatomy["fields"]), WHITE_OUTER)
     left_ventricle, right_ventricle, left_hippocampus, right_hippocampus = anatomy["sizes"]
     for side, size in ((-1.0, left_ventricle), (1.0, right_ventricle * (1 + ENLARGEMENT_GROWTH * enlargement))):
         centre = brain_semi * VENTRICLE_CENTRE * np.array([side, 1.0, 1.0])
