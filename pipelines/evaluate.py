@@ -44,9 +44,16 @@ from pipelines.prepare import PREPROCESSED_ROOT
 from pipelines.resolve import resolve_study
 from pipelines.split import SPLITS_ROOT
 from pipelines.tracking import StudyRuns
-from pipelines.train import METRICS_ROOT, MODELS_ROOT
+from pipelines.train import METRICS_ROOT, load_trials, trial_dir_name
 
 PREDICTIONS_ROOT = "predictions"
+SUMMARY_FILE = "test_summary.json"
+
+
+def load_summary(study: str) -> dict | None:
+    """evaluate@<study>'s mean ± std per variant and metric, or None while the study is not evaluated."""
+    path = resolve_path(METRICS_ROOT) / study / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def predict_and_score(model_dir: str, dataset_dir: str, case_ids: list[str],
@@ -213,7 +220,7 @@ def log_to_mlflow(config: dict, trials: dict, per_seed: pd.DataFrame, summary: d
 def evaluate(study: str) -> dict:
     """Evaluate all of a study's trials on its test split and write predictions, CSV, JSON and MLflow."""
     config = resolve_study(study_config(study))
-    trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
+    trials = load_trials(study)
     test_cases = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())["test"]
     dataset_dir = str(resolve_path(PREPROCESSED_ROOT) / study)
     connect_ray(config)
@@ -227,7 +234,7 @@ def evaluate(study: str) -> dict:
     for ref in tqdm(_as_completed(list(pending)), total=len(pending), desc=f"evaluate {study}", unit="model"):
         trial = pending[ref]
         scored = ray.get(ref)
-        evaluator.save(scored, out_root, f"{trial['variant']}-seed{trial['seed']}")
+        evaluator.save(scored, out_root, trial_dir_name(trial["variant"], trial["seed"]))
         rows += [{"variant": trial["variant"], "seed": trial["seed"], **row} for row, _ in scored]
     per_case = pd.DataFrame(rows).sort_values(["variant", "seed", "case_id"])
     metrics_dir = resolve_path(METRICS_ROOT) / study
@@ -235,7 +242,7 @@ def evaluate(study: str) -> dict:
     per_case.to_csv(metrics_dir / "test_per_case.csv", index=False)
     per_seed = evaluator.per_seed(per_case)
     summary = summarise(per_seed)
-    write_json(metrics_dir / "test_summary.json", summary)
+    write_json(metrics_dir / SUMMARY_FILE, summary)
     log_to_mlflow(config, trials, per_seed, summary)
     return summary
 

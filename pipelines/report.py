@@ -35,7 +35,7 @@ from nnmamba.data.landmarks import read_landmarks  # noqa: E402
 from nnmamba.data.layouts import get_layout  # noqa: E402
 from nnmamba.heatmaps import world_to_voxel  # noqa: E402
 from pipelines.config import load_params, resolve_path, study_config  # noqa: E402
-from pipelines.evaluate import PREDICTIONS_ROOT, probability_columns  # noqa: E402
+from pipelines.evaluate import PREDICTIONS_ROOT, load_summary, probability_columns  # noqa: E402
 from pipelines.prepare import PREPROCESSED_ROOT  # noqa: E402
 from pipelines.report_organs import PAPER_PATCH, organ_groups, test_set_label, variant_complexity  # noqa: E402
 from pipelines.report_overlays import overlay_figure  # noqa: E402
@@ -43,7 +43,7 @@ from pipelines.report_ablation import ablation_report  # noqa: E402
 from pipelines.resolve import resolve_study  # noqa: E402
 from pipelines.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
 from pipelines.tracking import StudyRuns  # noqa: E402
-from pipelines.train import METRICS_ROOT, MODELS_ROOT  # noqa: E402
+from pipelines.train import METRICS_ROOT, MODELS_ROOT, TRIALS_FILE, load_trials, trial_dir_name  # noqa: E402
 
 REPORTS_ROOT = "reports"
 
@@ -110,7 +110,7 @@ def segmentation_report(study: str, config: dict, summary: dict, trials: list[di
 def organ_table(group: str, studies: list[str]) -> str:
     """The paper's Table 2 for studies of one organ dataset: size, compute, mDice and mNSD per test set."""
     configs = {s: resolve_study(study_config(s)) for s in studies}
-    summaries = {s: json.loads((resolve_path(METRICS_ROOT) / s / "test_summary.json").read_text()) for s in studies}
+    summaries = {s: load_summary(s) for s in studies}
     header = ["Method", "Params (M)", "GFLOPs 1×128³"]
     for study, config in configs.items():
         patch = "×".join(str(p) for p in config["train"]["patch_size"])
@@ -151,7 +151,7 @@ def landmark_figure(study: str, names: list[str], trials: list[dict], path: Path
     shown: dict[str, dict] = {}
     for trial in sorted(trials, key=lambda t: t["seed"]):
         shown.setdefault(trial["variant"], trial)
-    folders = {v: resolve_path(PREDICTIONS_ROOT) / study / f"{v}-seed{t['seed']}" for v, t in shown.items()}
+    folders = {v: resolve_path(PREDICTIONS_ROOT) / study / trial_dir_name(v, t["seed"]) for v, t in shown.items()}
     case_id = min(p.stem for p in next(iter(folders.values())).glob("*.json"))
     image = nib.load(resolve_path(PREPROCESSED_ROOT) / study / index["cases"][case_id]["image"])
     volume, affine = np.asarray(image.dataobj, dtype=np.float32), image.affine
@@ -201,16 +201,12 @@ STUDY_REPORTS = {"segmentation": segmentation_report, "landmark": landmark_repor
 
 def report_study(study: str, out_dir: Path) -> Path | None:
     """Write one study's tables and plots, attach them to its MLflow parent run; None when not evaluated."""
-    summary_file = resolve_path(METRICS_ROOT) / study / "test_summary.json"
-    if not summary_file.is_file():
+    summary = load_summary(study)
+    if summary is None:
         return None
     config = resolve_study(study_config(study))
-    summary = json.loads(summary_file.read_text())
-    trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
-    files = STUDY_REPORTS[config["task"]](study, config, summary, trials["trials"], out_dir)
-    runs = StudyRuns(config, trials["config_hash"])
-    for path in files:
-        runs.client.log_artifact(trials["parent_run_id"], str(path), artifact_path="report")
+    files = STUDY_REPORTS[config["task"]](study, config, summary, load_trials(study)["trials"], out_dir)
+    attach_to_parent_runs([study], files)
     return files[0]
 
 
@@ -254,17 +250,14 @@ def roc_chart(title: str, per_case: pd.DataFrame, summary: dict, path: Path) -> 
 
 def classification_study(study: str, out_dir: Path) -> dict | None:
     """Write a classification study's ROC chart; return what its dataset's table needs (None if not evaluated)."""
-    metrics_dir = resolve_path(METRICS_ROOT) / study
-    if not (metrics_dir / "test_summary.json").is_file():
+    summary = load_summary(study)
+    if summary is None:
         return None
     config = study_config(study)
-    summary = json.loads((metrics_dir / "test_summary.json").read_text())
     title = " vs ".join(config["dataset"]["classes"])
     roc = out_dir / f"{study}_roc.png"
-    roc_chart(title, pd.read_csv(metrics_dir / "test_per_case.csv"), summary, roc)
-    trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())
-    return {"dataset": config["dataset"]["name"], "title": title, "summary": summary, "roc": roc,
-            "runs": StudyRuns(config, trials["config_hash"]), "parent_id": trials["parent_run_id"]}
+    roc_chart(title, pd.read_csv(resolve_path(METRICS_ROOT) / study / "test_per_case.csv"), summary, roc)
+    return {"study": study, "dataset": config["dataset"]["name"], "title": title, "summary": summary, "roc": roc}
 
 
 def classification_reports(studies: list[str], out_dir: Path) -> list[Path]:
@@ -276,19 +269,17 @@ def classification_reports(studies: list[str], out_dir: Path) -> list[Path]:
         table = out_dir / f"{dataset}_classification_table.md"
         table.write_text(classification_table(dataset, {r["title"]: r["summary"] for r in results}))
         for result in results:
-            for artifact in (table, result["roc"]):
-                result["runs"].client.log_artifact(result["parent_id"], str(artifact), artifact_path="report")
+            attach_to_parent_runs([result["study"]], [table, result["roc"]])
         tables.append(table)
     return tables
 
 
 def attach_to_parent_runs(studies: list[str], files: list[Path]) -> None:
-    """Log report files shared by several studies into each trained study's MLflow parent run."""
+    """Log report files into the MLflow parent run of each of `studies` that has been trained."""
     for study in studies:
-        trials_file = resolve_path(MODELS_ROOT) / study / "trials.json"
-        if not trials_file.is_file():
+        if not (resolve_path(MODELS_ROOT) / study / TRIALS_FILE).is_file():
             continue
-        trials = json.loads(trials_file.read_text())
+        trials = load_trials(study)
         runs = StudyRuns(study_config(study), trials["config_hash"])
         for path in files:
             runs.client.log_artifact(trials["parent_run_id"], str(path), artifact_path="report")

@@ -11,7 +11,6 @@ and HD95, landmark the MRE over all landmarks, classification the AUC, each mean
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -20,9 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nnmamba.models import available_variants  # noqa: E402
-from pipelines.config import resolve_path  # noqa: E402
+from pipelines.evaluate import load_summary  # noqa: E402
 from pipelines.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
-from pipelines.train import METRICS_ROOT  # noqa: E402
 
 # (task, summary metric, column title, scale to the paper's unit); Dice and AUC in %, HD95 and MRE in mm.
 COLUMNS = (
@@ -36,11 +34,7 @@ TASKS = ("segmentation", "landmark", "classification")
 
 def load_summaries(studies: dict[str, str]) -> dict[str, dict]:
     """Each task's test summary ({variant: {metric: {mean, std}}}); {} where the study has none yet."""
-    summaries = {}
-    for task in TASKS:
-        path = resolve_path(METRICS_ROOT) / studies[task] / "test_summary.json" if studies.get(task) else None
-        summaries[task] = json.loads(path.read_text()) if path and path.is_file() else {}
-    return summaries
+    return {task: (load_summary(studies[task]) if studies.get(task) else None) or {} for task in TASKS}
 
 
 def rungs() -> list[dict[str, str]]:

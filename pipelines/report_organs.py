@@ -17,7 +17,8 @@ from nnmamba.checkpoint import ARCH_FILE, model_from_arch
 from nnmamba.complexity import measure_macs
 from nnmamba.models import count_parameters
 from pipelines.config import resolve_path, study_config
-from pipelines.train import METRICS_ROOT, MODELS_ROOT
+from pipelines.evaluate import SUMMARY_FILE
+from pipelines.train import METRICS_ROOT, load_trials
 
 PAPER_PATCH = (128, 128, 128)
 
@@ -27,8 +28,8 @@ def organ_groups(studies: dict) -> dict[str, list[str]]:
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for study in studies:
         config = study_config(study)
-        summary = resolve_path(METRICS_ROOT) / study / "test_summary.json"
-        if config["task"] == "segmentation" and not config["evaluate"].get("regions") and summary.is_file():
+        evaluated = (resolve_path(METRICS_ROOT) / study / SUMMARY_FILE).is_file()
+        if config["task"] == "segmentation" and not config["evaluate"].get("regions") and evaluated:
             groups[(config["dataset"]["layout"], config["dataset"]["root"])].append(study)
     names = [layout for layout, _ in groups]
     return {(layout if names.count(layout) == 1 else f"{layout}-{Path(root).name}"): members
@@ -43,7 +44,7 @@ def test_set_label(config: dict) -> str:
 
 def variant_complexity(study: str) -> dict[str, dict]:
     """Per variant: parameters and the multiply-add model, from the study's first exported bundle of it."""
-    trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())["trials"]
+    trials = load_trials(study)["trials"]
     measured = {}
     for trial in sorted(trials, key=lambda t: t["seed"]):
         if trial["variant"] in measured:

@@ -24,7 +24,7 @@ from pipelines.config import resolve_path  # noqa: E402
 from pipelines.evaluate import PREDICTIONS_ROOT  # noqa: E402
 from pipelines.prepare import PREPROCESSED_ROOT  # noqa: E402
 from pipelines.split import SPLITS_ROOT  # noqa: E402
-from pipelines.train import MODELS_ROOT  # noqa: E402
+from pipelines.train import load_trials, trial_dir_name  # noqa: E402
 
 LABEL_ALPHA = 0.55
 WINDOW_PERCENTILES = (1, 99)
@@ -33,10 +33,10 @@ WINDOW_PERCENTILES = (1, 99)
 def overlay_figure(study: str, n_cases: int, path: Path) -> Path | None:
     """Write the study's overlay PNG; None when it has no predictions to show."""
     index = json.loads((resolve_path(PREPROCESSED_ROOT) / study / "dataset.json").read_text())
-    trials = json.loads((resolve_path(MODELS_ROOT) / study / "trials.json").read_text())["trials"]
+    trials = load_trials(study)["trials"]
     first_seed = {}
     for trial in sorted(trials, key=lambda t: (t["variant"], t["seed"])):
-        first_seed.setdefault(trial["variant"], f"{trial['variant']}-seed{trial['seed']}")
+        first_seed.setdefault(trial["variant"], trial_dir_name(trial["variant"], trial["seed"]))
     test = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())["test"]
     # Labelled cases first: they show the ground truth next to the predictions.
     cases = sorted(test, key=lambda c: (index["cases"][c]["raw_label"] is None, c))[:n_cases]

@@ -58,6 +58,11 @@ def trial_dir_name(variant: str, seed: int) -> str:
     return f"{variant}-seed{seed}"
 
 
+def load_trials(study: str) -> dict:
+    """What train@<study> recorded: its MLflow parent run, config digest and one row per exported trial."""
+    return json.loads((resolve_path(MODELS_ROOT) / study / TRIALS_FILE).read_text())
+
+
 def init_models(config: dict) -> Path | None:
     """The models folder a transfer study starts from, or None for a study trained from scratch."""
     if config["init"] == SCRATCH_INIT:
@@ -291,7 +296,7 @@ def write_curves(runs: StudyRuns, rows: list[dict], metric: str, path: Path) -> 
             for key in ("train_loss", metric)
         }
         frame = pd.DataFrame(history).rename_axis("epoch").reset_index()
-        frame.insert(0, "trial", f"{row['variant']}-seed{row['seed']}")
+        frame.insert(0, "trial", trial_dir_name(row["variant"], row["seed"]))
         frames.append(frame)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.concat(frames).to_csv(path, index=False)
