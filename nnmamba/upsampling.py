@@ -23,7 +23,7 @@ def _like(x: Tensor, shape: list[int]) -> Tensor:
     """An empty tensor of `shape` in x's dtype, device and memory format (channels-last stays so)."""
     layout = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
         and not x.is_contiguous() else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
 
 
 def _double_axis(x: Tensor, dim: int) -> Tensor:

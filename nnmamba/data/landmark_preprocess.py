@@ -14,11 +14,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import torchio as tio
 from tqdm import tqdm
 
 from nnmamba.data.errors import DataError
 from nnmamba.data.landmarks import LandmarkCaseFiles, check_inside, read_landmarks
+from nnmamba.data.plan import Preprocessing
 from nnmamba.data.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, preprocess_subject, staged_directory
 
 
@@ -59,14 +59,14 @@ def _prepare_case(case: LandmarkCaseFiles, staging: Path, names: Sequence[str], 
     raw = load_case(case, label_values=None)
     image_path = next(iter(case.images.values()))
     check_inside(case.case_id, points, raw["image"].affine, raw["image"].spatial_shape, f"the image {image_path}")
-    cropped, properties = preprocess_subject(raw, crop_margin)
-    image = tio.Resample(tuple(float(s) for s in spacing))(cropped)["image"]
+    head_mask = Preprocessing.head_mask(raw["image"].num_channels)
+    preprocessing = Preprocessing(head_mask.normalization, target_spacing=tuple(float(s) for s in spacing))
+    subject, properties = preprocess_subject(raw, crop_margin, preprocessing)
+    image = subject["image"]
     check_inside(case.case_id, points, image.affine, image.spatial_shape,
                  f"the head-mask crop of {image_path} (fix the point, or raise prepare.crop_margin)")
     image_rel = f"images/{case.case_id}{IMAGE_SUFFIX}"
     image.save(staging / image_rel)
-    properties.update(preprocessed_shape=list(image.spatial_shape), preprocessed_affine=image.affine.tolist(),
-                      spacing=[float(s) for s in image.spacing])
     return {
         "image": image_rel,
         "label": None,
