@@ -99,6 +99,12 @@ def test_bad_manifests_name_the_line_and_the_problem(adni_root, tmp_path, proble
         find_adni_cases(tmp_path)
 
 
+def test_a_manifest_saved_with_a_byte_order_mark_reads(adni_root, tmp_path):
+    manifest = adni_root / "manifest.csv"
+    (adni_root / "bom.csv").write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    assert find_adni_cases(adni_root / "bom.csv") == find_adni_cases(manifest)
+
+
 def test_missing_manifest_or_column_is_named(tmp_path):
     with pytest.raises(DataError, match="manifest.csv does not exist"):
         find_adni_cases(tmp_path)

@@ -44,7 +44,7 @@ def find_adni_cases(root: Path) -> list[ClassifiedCase]:
     path = manifest_path(root)
     if not path.is_file():
         raise DataError(f"ADNI manifest {path} does not exist")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM when saved from Excel
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

@@ -56,10 +56,10 @@ def _channels(path: Path, content: dict) -> tuple[str, ...]:
     mapping = content.get(key)
     if not isinstance(mapping, dict) or not mapping:
         raise DataError(f"{path}: needs 'channel_names' (nnU-Net v2) or 'modality' (MSD), e.g. {{\"0\": \"CT\"}}")
-    indices = _integer_keys(path, key, mapping)
-    if indices != list(range(len(indices))):
-        raise DataError(f"{path}: {key} keys must be 0..{len(indices) - 1}, got {sorted(mapping)}")
-    names = tuple(str(mapping[str(i)]) for i in indices)
+    by_index = _integer_keys(path, key, mapping)
+    if sorted(by_index) != list(range(len(mapping))):
+        raise DataError(f"{path}: {key} keys must be 0..{len(mapping) - 1}, each once, got {sorted(mapping)}")
+    names = tuple(str(by_index[i]) for i in range(len(by_index)))
     if len(set(names)) != len(names):
         raise DataError(f"{path}: {key} repeats a channel name: {list(names)}")
     return names
@@ -81,6 +81,8 @@ def _labels(path: Path, content: dict) -> dict[int, str]:
                     f"{path}: label {name!r} has value {value!r}; only integer labels are supported "
                     "(not nnU-Net's region-based training)"
                 )
+            if value in labels:
+                raise DataError(f"{path}: labels {labels[value]!r} and {name!r} share the value {value}")
             labels[value] = str(name)
     values = sorted(labels)
     if values != list(range(len(values))):
@@ -88,8 +90,9 @@ def _labels(path: Path, content: dict) -> dict[int, str]:
     return dict(sorted(labels.items()))
 
 
-def _integer_keys(path: Path, key: str, mapping: dict) -> list[int]:
+def _integer_keys(path: Path, key: str, mapping: dict) -> dict[int, object]:
+    """``mapping`` keyed by channel index; "0" and "00" both mean 0, so they must not both appear."""
     try:
-        return sorted(int(k) for k in mapping)
+        return {int(k): v for k, v in mapping.items()}
     except ValueError as error:
         raise DataError(f"{path}: {key} keys must be channel indices, got {sorted(mapping)}") from error
