@@ -27,7 +27,7 @@ from torch import nn
 
 from _common import ResultFile, cuda_time_ms, summary
 from nnmamba.complexity import count_macs
-from nnmamba.engine import CapturedTrainStep, build_optimizer, train_epoch
+from nnmamba.engine import CAPTURE_WARMUP_STEPS, CapturedTrainStep, build_optimizer, train_epoch
 from nnmamba.losses import build_loss
 from nnmamba.models import available_variants, build_model, count_parameters
 
@@ -117,8 +117,13 @@ def losses(runner, loss_fn, optimizer, captured, batches: list[dict], config: Co
                         captured) for b in batches]
 
 
-def graph_matches_eager(task: str, variant: str, shape: Shape, config: Config, steps: int = 6) -> float:
-    """Largest relative difference between the losses of eager and graph-replayed training from the same start."""
+def graph_matches_eager(task: str, variant: str, shape: Shape, config: Config, replays: int = 3) -> float:
+    """Largest relative difference between the losses of eager and graph-replayed training from the same start.
+
+    The graph run's first CAPTURE_WARMUP_STEPS steps are eager, the next one is captured, so the
+    comparison runs `replays` steps past those.
+    """
+    steps = CAPTURE_WARMUP_STEPS + 1 + replays
     device = torch.device("cuda")
     eager_config = Config(config.precision, config.channels_last, config.compile, graph=False)
     generator = torch.Generator(device=device).manual_seed(1)

@@ -81,6 +81,10 @@ def capture_ready_stream(device: torch.device, enabled: bool = True) -> Iterator
     torch.cuda.current_stream(device).wait_stream(stream)
 
 
+# Eager steps before capture: PyTorch's CUDA-graph notes ask for 11 under DDP (its buckets are built by then).
+CAPTURE_WARMUP_STEPS = 11
+
+
 class CapturedTrainStep:
     """One training step (forward, loss, backward, optimizer step) recorded once as a CUDA graph, then replayed.
 
@@ -99,7 +103,7 @@ class CapturedTrainStep:
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 dtype: torch.dtype | None, warmup: int = 11):
+                 dtype: torch.dtype | None, warmup: int = CAPTURE_WARMUP_STEPS):
         self.model, self.loss_fn, self.optimizer, self.dtype = model, loss_fn, optimizer, dtype
         self.warmup_left = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
