@@ -58,14 +58,18 @@ def test_unknown_task_names_it_and_the_known_ones() -> None:
         build_loss("segmentaton")
 
 
-def test_segmentation_loss_is_the_same_for_channels_last_logits() -> None:
+@pytest.mark.parametrize("task", ["segmentation", "landmark"])
+def test_loss_and_gradient_are_the_same_for_channels_last_output(task: str) -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 8, 6, 4, dtype=torch.float64)
-    labels = torch.randint(0, 4, (2, 1, 8, 6, 4))
+    if task == "segmentation":
+        target, loss_fn = torch.randint(0, 4, (2, 1, 8, 6, 4)), build_loss(task)
+    else:
+        target, loss_fn = torch.rand(2, 4, 8, 6, 4, dtype=torch.float64), build_loss(task, foreground_weight=10)
     results = []
     for memory_format in (torch.contiguous_format, torch.channels_last_3d):
         leaf = logits.clone(memory_format=memory_format).requires_grad_()
-        loss = build_loss("segmentation")(leaf, labels)
+        loss = loss_fn(leaf, target)
         loss.backward()
         results.append((loss.detach(), leaf.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
