@@ -143,8 +143,7 @@ def classification_loader(dataset_dir: Path, index: dict, case_ids: list[str], t
         for c in mine
     ]
     dataset = tio.SubjectsDataset(subjects, transform=augmentation_transform(train["augmentation"]))
-    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-    return PrivateRngLoader(dataset, seed=rank_seed, batch_size=train["batch_size"], shuffle=True,
+    return PrivateRngLoader(dataset, seed=seed, rank=rank, batch_size=train["batch_size"], shuffle=True,
                             num_workers=train["data_workers"], collate_fn=collate_volumes)
 
 

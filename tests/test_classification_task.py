@@ -55,14 +55,17 @@ def test_loader_order_and_augmentation_depend_only_on_the_seed(prepared):
     case_ids = sorted(index["cases"])
     task = get_task("classification")
 
-    def epoch(seed: int) -> list[tuple[list[str], torch.Tensor]]:
-        torch.manual_seed(seed * 7 + 1)  # the caller's RNG must not matter
+    def epoch(seed: int, caller_seed: int) -> list[tuple[list[str], torch.Tensor]]:
+        torch.manual_seed(caller_seed)  # whatever the caller's RNG holds
         return [(b["case_id"], b["image"]) for b in task.train_loader(prepared, index, case_ids, TRAIN, seed, 0, 1)]
 
-    first, again, other = epoch(5), epoch(5), epoch(6)
+    first, again, other = epoch(5, caller_seed=1), epoch(5, caller_seed=2), epoch(6, caller_seed=1)
     assert [ids for ids, _ in first] == [ids for ids, _ in again]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first, again))
     assert [ids for ids, _ in first] != [ids for ids, _ in other]
+    # The flips follow the seed too: some case is flipped under one seed and not the other.
+    seen_with_5 = {case: image for ids, batch in first for case, image in zip(ids, batch)}
+    assert any(not torch.equal(seen_with_5[case], image) for ids, batch in other for case, image in zip(ids, batch))
 
 
 def test_validation_records_probabilities_and_summary_scores_them(prepared):

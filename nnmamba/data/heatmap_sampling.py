@@ -101,8 +101,7 @@ def make_heatmap_loader(
         num_workers=num_workers,
         start_background=False,
     )
-    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-    return PrivateRngLoader(queue, seed=rank_seed, batch_size=batch_size, collate_fn=collate_heatmap_patches)
+    return PrivateRngLoader(queue, seed=seed, rank=rank, batch_size=batch_size, collate_fn=collate_heatmap_patches)
 
 
 def collate_heatmap_patches(patches: list[tio.Subject]) -> dict[str, Any]:

@@ -130,8 +130,7 @@ def make_patch_loader(
         num_workers=num_workers,
         start_background=False,
     )
-    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-    return PrivateRngLoader(queue, seed=rank_seed, batch_size=batch_size, collate_fn=collate_patches)
+    return PrivateRngLoader(queue, seed=seed, rank=rank, batch_size=batch_size, collate_fn=collate_patches)
 
 
 def rank_share(items: list[T], samples_per_volume: int, rank: int, world_size: int) -> list[tuple[T, int]]:
@@ -191,9 +190,11 @@ class PrivateRngLoader(DataLoader):
     two runs, or two ablation variants with the same seed, see the same patches.
     """
 
-    def __init__(self, dataset: tio.Queue, seed: int, **kwargs: Any):
+    def __init__(self, dataset: tio.Queue, seed: int, rank: int = 0, **kwargs: Any):
+        """One stream per (seed, DDP rank): each worker draws its own patches, reproducibly."""
         super().__init__(dataset, **kwargs)
-        self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+        self._rng_state = torch.Generator().manual_seed(rank_seed).get_state()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = self._with_private_rng(super().__iter__)
