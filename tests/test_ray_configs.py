@@ -24,6 +24,8 @@ LAUNCHERS = ("cluster-aws.yaml", "cluster-onprem.yaml")
 PRESETS = ("cpu-debug", "gpu-1", "gpu-4", "gpu-2x8")
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
+# The NVLink-multicast switches every Ray worker on the shared GPU hosts must see (../shared/gpu/README.md).
+NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 def load(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
@@ -91,7 +93,7 @@ def test_kuberay_rayjob_matches_the_pinned_ray_and_sets_worker_env():
             assert container["image"].startswith(f"rayproject/ray:{ray.__version__}-")
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     RuntimeEnv(**runtime_env)
-    assert WORKER_ENV.items() <= runtime_env["env_vars"].items()
+    assert NVLINK_MULTICAST_OFF.items() <= runtime_env["env_vars"].items()
     gpus = sum(int(g["replicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in cluster["workerGroupSpecs"])
     need = preset("gpu-2x8")
@@ -101,19 +103,26 @@ def test_kuberay_rayjob_matches_the_pinned_ray_and_sets_worker_env():
 def test_job_runtime_env_is_valid_and_keeps_nvlink_multicast_off():
     runtime_env = load("runtime_env.yaml")
     RuntimeEnv(**runtime_env)
-    assert WORKER_ENV.items() <= runtime_env["env_vars"].items()
+    assert NVLINK_MULTICAST_OFF.items() <= runtime_env["env_vars"].items()
+    assert NVLINK_MULTICAST_OFF.items() <= WORKER_ENV.items()
+
+
+# Workers per trial, GPUs per worker, placement and trials at once of each preset, as the README's table states.
+PRESET_SCALE = {"cpu-debug": (1, 0, "PACK", 2), "gpu-1": (1, 1, "PACK", 1), "gpu-4": (4, 1, "PACK", 1),
+                "gpu-2x8": (16, 1, "SPREAD", 1)}
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_builds_a_ray_train_scaling_config(name):
+def test_preset_scales_as_documented_and_builds_a_scaling_config(name):
     values = preset(name)
-    scaling = ray.train.ScalingConfig(
+    ray.train.ScalingConfig(
         num_workers=values["num_workers"], use_gpu=values["use_gpu"],
         resources_per_worker=values["resources_per_worker"], placement_strategy=values["placement_strategy"],
     )
-    assert scaling.num_workers == values["num_workers"]
-    assert values["use_gpu"] == ("GPU" in values["resources_per_worker"])
-    assert values["max_concurrent_trials"] >= 1
+    gpus = values["resources_per_worker"].get("GPU", 0)
+    assert (values["num_workers"], gpus, values["placement_strategy"], values["max_concurrent_trials"]) == \
+        PRESET_SCALE[name]
+    assert values["use_gpu"] == (gpus > 0)
 
 
 def test_presets_directory_holds_exactly_the_documented_presets():
