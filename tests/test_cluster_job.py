@@ -161,9 +161,8 @@ def test_submitted_job_succeeds_and_writes_to_the_workspace(job, cluster_project
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_mlflow_run(job, tracked):
     assert job["status"] == "SUCCEEDED", job["logs"][-5000:]
     assert job["registered"]["latest_checkpoint_result"] is not None
-    workers = {w["pid"]: w for w in job["workers"]}
-    assert workers[job["killed"]["pid"]]["state"] == "DEAD"
-    assert len(workers) >= 2, "no replacement worker was started"
+    # The preset runs one worker per trial, so any other worker pid is the restarted group's.
+    assert {w["pid"] for w in job["workers"]} - {job["killed"]["pid"]}, "no replacement worker was started"
     assert len(tracked["children"]) == 1, "the trial's MLflow run was duplicated"
     child = tracked["children"][0]
     assert child["info"]["status"] == "FINISHED"
@@ -187,6 +186,6 @@ def test_runs_read_back_over_rest(tracked, mlflow_server):
                   json={"experiment_ids": [tracked["experiment"]["experiment_id"]]})["models"]
     assert [m["info"]["source_run_id"] for m in models] == [child["info"]["run_id"]]
     registered = rest(tracked["url"], "GET", "registered-models/get", params={"name": f"{EXPERIMENT}-mic"})
-    assert registered["registered_model"]["name"] == f"{EXPERIMENT}-mic"
+    assert [v["run_id"] for v in registered["registered_model"]["latest_versions"]] == [child["info"]["run_id"]]
     stored = list(Path(mlflow_server["artifacts"]).rglob("MLmodel"))
     assert len(stored) == 1, "the logged model's files are not in the server's artifact store"
