@@ -37,8 +37,10 @@ class ThresholdOracle(nn.Module):
     def __init__(self, threshold: float):
         super().__init__()
         self.threshold = threshold
+        self.windows_seen = 0  # windows (batch rows) it was run on: mirror TTA runs each 2^k times
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.windows_seen += len(x)
         margin = (x[:, :1] - self.threshold) * 100
         return torch.cat([-margin, margin], dim=1)
 
@@ -113,10 +115,14 @@ def test_labels_match_brute_force_in_the_input_geometry(mha_inputs: Path, tmp_pa
         hu = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images["CT"]))).astype(np.float64)
         expected = (np.clip(hu, *CT_CLIP) > THRESHOLD_HU).astype(np.uint8)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), expected)
-    mirrored = predict_cases(_oracle(), _record(["CT", "MR"]), cases[:1], tmp_path / "tta", device="cpu",
+    # The oracle is flip-equivariant, so mirroring must not change the labels; that it ran, the window count shows.
+    plain, flipped = _oracle(), _oracle()
+    once = predict_cases(plain, _record(["CT", "MR"]), cases[:1], tmp_path / "once", device="cpu", progress=False)
+    mirrored = predict_cases(flipped, _record(["CT", "MR"]), cases[:1], tmp_path / "tta", device="cpu",
                              mirror_axes=(0, 1, 2), progress=False)
+    assert flipped.windows_seen == 8 * plain.windows_seen > 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(mirrored[0]))),
-                                  sitk.GetArrayFromImage(sitk.ReadImage(str(written[0]))))
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(once[0]))))
 
 
 def test_resampling_plans_map_probabilities_back(mha_inputs: Path, tmp_path: Path) -> None:
