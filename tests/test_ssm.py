@@ -366,13 +366,18 @@ def test_cuda_backend_matches_torch_backend(shape, exact_fp32):
     torch.manual_seed(0)
     reference = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend="torch").cuda()
     fast = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend="cuda").cuda()
+    assert_backends_agree(reference, fast, (batch, length, d_model), apply=lambda block, x: block(x))
+
+
+def assert_backends_agree(reference: Mamba, fast: Mamba, shape: tuple[int, int, int], apply) -> None:
+    """`fast` (CUDA kernels) given `reference`'s weights: outputs, input and weight gradients within 1e-3."""
     fast.load_state_dict(reference.state_dict())
-    hidden = torch.randn(batch, length, d_model, device="cuda")
-    weights = torch.randn(batch, length, d_model, device="cuda")
+    hidden = torch.randn(*shape, device="cuda")
+    weights = torch.randn(*shape, device="cuda")
     outputs = {}
     for name, block in (("torch", reference), ("cuda", fast)):
         leaf = hidden.clone().requires_grad_()
-        out = block(leaf)
+        out = apply(block, leaf)
         (out * weights).sum().backward()
         assert block.last_backend == name
         outputs[name] = (out.detach(), leaf.grad)
@@ -405,20 +410,8 @@ def test_css_cuda_backend_matches_torch_backend(shape, exact_fp32):
             if name in ("in_proj.bias", "out_proj.bias", "conv1d.bias"):
                 param.normal_()
     fast = Mamba(d_model, d_state=d_state, bias=bias, backend="cuda").cuda()
-    fast.load_state_dict(reference.state_dict())
-    hidden = torch.randn(batch, length, d_model, device="cuda")
-    weights = torch.randn(batch, length, d_model, device="cuda")
-    outputs = {}
-    for name, block in (("torch", reference), ("cuda", fast)):
-        leaf = hidden.clone().requires_grad_()
-        out = ChannelSpatialSiamese(block)(leaf)
-        (out * weights).sum().backward()
-        assert block.last_backend == name
-        outputs[name] = (out.detach(), leaf.grad)
-    assert relative_error(outputs["cuda"][0], outputs["torch"][0]) < 1e-3
-    assert relative_error(outputs["cuda"][1], outputs["torch"][1]) < 1e-3
-    for (name, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
-        assert relative_error(p_fast.grad, p_ref.grad) < 1e-3, name
+    assert_backends_agree(reference, fast, (batch, length, d_model),
+                          apply=lambda block, x: ChannelSpatialSiamese(block)(x))
 
 
 @pytest.mark.gpu
