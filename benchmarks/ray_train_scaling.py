@@ -113,7 +113,7 @@ def trial_config(dataset_dir: Path, phase_dir: Path, epochs: int, steps: int, sm
 
 
 def run(gpus: int, trial: dict, storage: Path, use_gpu: bool) -> dict:
-    """One TorchTrainer fit on `gpus` workers; samples/s from epoch_time_s of epochs 2.."""
+    """One TorchTrainer fit on `gpus` workers; samples/s from rank 0's batch timestamps after the first epoch."""
     from ray.train.torch import TorchTrainer
 
     started = time.time()

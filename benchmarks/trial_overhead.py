@@ -11,7 +11,7 @@ that start-up, not the training, dominates a tiny study. This benchmark runs the
 
 interleaved `--repeats` times, and writes wall times and CPU seconds (of the stage's whole
 process tree, which a shared machine's load disturbs far less than wall time) with the machine
-to benchmarks/results/trial_overhead_<host>.json.
+to benchmarks/results/cpu_vm/trial_overhead.json.
 
     python benchmarks/trial_overhead.py --repeats 2
 """
@@ -39,7 +39,7 @@ from _common import REPO, code_version, machine
 
 sys.path.insert(0, str(REPO))
 
-from pipelines.config import deep_merge  # noqa: E402
+from pipelines.config import apply_preset, deep_merge  # noqa: E402
 
 SETTINGS = {
     "watcher+no-reuse": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}, "reuse_actors": False},
@@ -126,7 +126,7 @@ def main() -> None:
         "machine": {**machine(), "ray": ray.__version__},
         "code": code_version(),
         "trials": trials,
-        "max_concurrent_trials": 2,
+        "max_concurrent_trials": apply_preset({"preset": "cpu-debug"})["max_concurrent_trials"],
         "load_average_1min": {"min": min(load), "max": max(load)},
         "settings": {
             name: {

@@ -119,7 +119,7 @@ def residual_stage(
     """A downsampling block followed by n_blocks - 1 blocks that carry the global branch.
 
     As in the authors' code, the non-first blocks of a stage share ONE global branch module
-    (same weights); this is what gives the paper's 15.55 M parameters for the AMOS network.
+    (same weights), which brings the AMOS network to 15.97 M parameters (the paper states 15.55 M).
     """
     blocks = [ResidualBlock(in_channels, out_channels, stride)]
     blocks += [ResidualBlock(out_channels, out_channels, global_branch=global_branch) for _ in range(n_blocks - 1)]
