@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchio as tio
-from scipy.ndimage import gaussian_filter
 
 from nnmamba.data.orientation import centred_ras_affine, reorient_from_ras
+from nnmamba.data.synthetic import smooth_field
 
 # AMOS 2022 label values and names (its dataset.json).
 AMOS_LABELS: dict[int, str] = {
@@ -85,7 +85,7 @@ def paint_abdomen(shape: tuple[int, int, int], spacing: tuple[float, float, floa
     extent = np.asarray(shape) * np.asarray(spacing)
     body = np.array([BODY_FRACTION[0] * extent[0], BODY_FRACTION[1] * extent[1], extent[2] / 2])
     body *= np.array([*rng.uniform(0.93, 1.05, 2), 1.0])
-    outline = np.sqrt((mm[0] / body[0]) ** 2 + (mm[1] / body[1]) ** 2) + 0.02 * _smooth_field(shape, rng, 3.0)
+    outline = np.sqrt((mm[0] / body[0]) ** 2 + (mm[1] / body[1]) ** 2) + 0.02 * smooth_field(shape, rng, 3.0)
     tissue = np.full(shape, AIR, dtype=np.uint8)
     tissue[outline < 1.0] = FAT
     tissue[outline < 1.0 - FAT_MM / body[:2].min()] = MUSCLE
@@ -103,7 +103,7 @@ def _organ_mask(organ: Organ, mm: list[np.ndarray], body: np.ndarray, rng: np.ra
     semi = np.asarray(organ.semi) * body * rng.uniform(1 - 3 * jitter, 1 + 3 * jitter, 3)
     axes = (0, 1) if organ.cylinder else (0, 1, 2)
     radius = np.sqrt(sum(((mm[a] - centre[a]) / semi[a]) ** 2 for a in axes))
-    inside = radius + 0.08 * _smooth_field(radius.shape, rng, 2.0) < 1.0
+    inside = radius + 0.08 * smooth_field(radius.shape, rng, 2.0) < 1.0
     if organ.cylinder:
         inside &= np.abs(mm[2] - centre[2]) < semi[2]
     return inside
@@ -119,7 +119,7 @@ def ct_intensities(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     table = np.array([TISSUE_CT.get(code, 0.0) for code in range(BONE + 1)])
     for organ in ORGANS:
         table[organ.label] = organ.ct
-    image = table[tissue] + CT_TEXTURE_HU * _smooth_field(tissue.shape, rng, 1.5)
+    image = table[tissue] + CT_TEXTURE_HU * smooth_field(tissue.shape, rng, 1.5)
     image += CT_NOISE_HU * rng.standard_normal(tissue.shape)
     return np.clip(np.round(image), -1024, 3071).astype(np.int16)
 
@@ -131,7 +131,7 @@ def mr_intensities(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         table[organ.label] = organ.mr
     grid = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in tissue.shape], indexing="ij")
     bias = np.exp(MR_BIAS * sum(c * g for c, g in zip(rng.uniform(-1, 1, 3), grid)))
-    signal = table[tissue] * (1.0 + MR_TEXTURE * _smooth_field(tissue.shape, rng, 1.5)) * bias
+    signal = table[tissue] * (1.0 + MR_TEXTURE * smooth_field(tissue.shape, rng, 1.5)) * bias
     real = signal + MR_NOISE * rng.standard_normal(tissue.shape)
     noisy = np.hypot(real, MR_NOISE * rng.standard_normal(tissue.shape))
     return noisy.astype(np.float32)
@@ -148,9 +148,3 @@ def save_oriented(path: Path, ras_volume: np.ndarray, spacing: tuple[float, ...]
     image_type = tio.LabelMap if label else tio.ScalarImage
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image_type(tensor=torch.from_numpy(data)[None], affine=affine).save(path)
-
-
-def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma: float) -> np.ndarray:
-    """Zero-mean, unit-std smooth random field: the irregularity of every shape and texture."""
-    field = gaussian_filter(rng.standard_normal(shape), sigma)
-    return (field - field.mean()) / field.std()

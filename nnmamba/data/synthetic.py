@@ -80,7 +80,7 @@ def write_synthetic_brats(
     return case_ids
 
 
-def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma: float) -> np.ndarray:
+def smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma: float) -> np.ndarray:
     """Zero-mean, unit-std smooth random field: the irregularity of every shape."""
     field = gaussian_filter(rng.standard_normal(shape), sigma)
     return (field - field.mean()) / field.std()
@@ -96,12 +96,12 @@ def paint_head_layers(shape: tuple[int, ...], spacing: tuple[float, ...], head_s
     """
     mm = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)], indexing="ij")
     head_semi = HEAD_FRACTION * np.asarray(shape) * np.asarray(spacing) * head_scale
-    radius = _ellipsoid_radius(mm, np.zeros(3), head_semi) + 0.02 * _smooth_field(shape, rng, 4.0)
+    radius = ellipsoid_radius(mm, np.zeros(3), head_semi) + 0.02 * smooth_field(shape, rng, 4.0)
     tissue = np.full(shape, BACKGROUND, dtype=np.uint8)
     tissue[radius < 1.0] = SCALP
     tissue[radius < SKULL_INNER] = CSF
     tissue[radius < BRAIN_OUTER] = GREY
-    tissue[radius + 0.03 * _smooth_field(shape, rng, 1.5) < white_outer] = WHITE
+    tissue[radius + 0.03 * smooth_field(shape, rng, 1.5) < white_outer] = WHITE
     return mm, tissue, BRAIN_OUTER * head_semi
 
 
@@ -110,12 +110,12 @@ def _paint_head(shape: tuple[int, ...], spacing: tuple[float, ...], rng: np.rand
     mm, tissue, brain_semi = paint_head_layers(shape, spacing, rng.uniform(0.95, 1.05, 3), rng)
     for side in (-1.0, 1.0):
         centre = brain_semi * np.array([0.14 * side, 0.05, 0.12])
-        tissue[_ellipsoid_radius(mm, centre, brain_semi * np.array([0.09, 0.28, 0.14])) < 1.0] = VENTRICLE
+        tissue[ellipsoid_radius(mm, centre, brain_semi * np.array([0.09, 0.28, 0.14])) < 1.0] = VENTRICLE
     _paint_tumour(tissue, mm, brain_semi, rng)
     return tissue
 
 
-def _ellipsoid_radius(mm: list[np.ndarray], centre: np.ndarray, semi: np.ndarray) -> np.ndarray:
+def ellipsoid_radius(mm: list[np.ndarray], centre: np.ndarray, semi: np.ndarray) -> np.ndarray:
     """Normalised ellipsoidal distance: 1 on the ellipsoid surface, 0 at its centre."""
     return np.sqrt(sum(((axis - c) / s) ** 2 for axis, c, s in zip(mm, centre, semi)))
 
@@ -129,9 +129,9 @@ def _paint_tumour(tissue: np.ndarray, mm: list[np.ndarray], brain_semi: np.ndarr
     # contains at least that voxel: every case then has all three labels.
     centre = np.array([axis.flat[np.abs(axis - o).argmin()] for axis, o in zip(mm, offset)])
     semi = brain_semi.min() * rng.uniform(0.40, 0.60) * rng.uniform(0.8, 1.2, 3)
-    radius = _ellipsoid_radius(mm, centre, semi)
-    rim_field = _smooth_field(tissue.shape, rng, 2.0)
-    edema = radius + 0.25 * _smooth_field(tissue.shape, rng, 2.5) < 1.0
+    radius = ellipsoid_radius(mm, centre, semi)
+    rim_field = smooth_field(tissue.shape, rng, 2.0)
+    edema = radius + 0.25 * smooth_field(tissue.shape, rng, 2.5) < 1.0
     rim = edema & (radius + 0.12 * rim_field < 0.70)
     core = rim & ((radius + 0.12 * rim_field < 0.45) | (radius < 0.12))
     tissue[brain & edema] = EDEMA
@@ -149,7 +149,7 @@ def _tumour_labels(tissue: np.ndarray) -> np.ndarray:
 def _modality_image(tissue: np.ndarray, modality: str, rng: np.random.Generator) -> np.ndarray:
     """Contrast + texture + smooth multiplicative bias field + noise; exactly 0 outside the head."""
     base = np.asarray(TISSUE_INTENSITY[modality], dtype=np.float64)[tissue]
-    texture = 1.0 + TEXTURE_STD * _smooth_field(tissue.shape, rng, 2.0)
+    texture = 1.0 + TEXTURE_STD * smooth_field(tissue.shape, rng, 2.0)
     grid = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in tissue.shape], indexing="ij")
     linear = sum(c * g for c, g in zip(rng.uniform(-1, 1, 3), grid))
     quadratic = sum(c * g * g for c, g in zip(rng.uniform(-1, 1, 3), grid))

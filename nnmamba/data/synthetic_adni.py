@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
 from nnmamba.data.adni import ADNI_DIAGNOSES, MANIFEST_NAME, adni_case_id
+from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
 from nnmamba.data.synthetic import (
     BACKGROUND,
     CSF,
     SYNTHETIC_ORIENTATIONS,
-    _ellipsoid_radius,
-    _smooth_field,
+    ellipsoid_radius,
     paint_head_layers,
+    smooth_field,
 )
 
 POSITIVE = {"AD": True, "pMCI": True, "NC": False, "sMCI": False}
@@ -124,10 +124,10 @@ def _paint_head(shape: tuple[int, ...], spacing: tuple[float, ...], anatomy: dic
     left_ventricle, right_ventricle, left_hippocampus, right_hippocampus = anatomy["sizes"]
     for side, size in ((-1.0, left_ventricle), (1.0, right_ventricle * (1 + ENLARGEMENT_GROWTH * enlargement))):
         centre = brain_semi * VENTRICLE_CENTRE * np.array([side, 1.0, 1.0])
-        tissue[_ellipsoid_radius(mm, centre, brain_semi * VENTRICLE_SEMI * size) < 1.0] = CSF
+        tissue[ellipsoid_radius(mm, centre, brain_semi * VENTRICLE_SEMI * size) < 1.0] = CSF
     for side, size, shrink in ((-1.0, left_hippocampus, ATROPHY_SHRINK * atrophy), (1.0, right_hippocampus, 0.0)):
         centre = brain_semi * HIPPOCAMPUS_CENTRE * np.array([side, 1.0, 1.0])
-        healthy = _ellipsoid_radius(mm, centre, brain_semi * HIPPOCAMPUS_SEMI * size)
+        healthy = ellipsoid_radius(mm, centre, brain_semi * HIPPOCAMPUS_SEMI * size)
         tissue[healthy < TEMPORAL_HORN] = CSF
         tissue[healthy < 1.0 - shrink] = HIPPOCAMPUS
     return tissue
@@ -135,7 +135,7 @@ def _paint_head(shape: tuple[int, ...], spacing: tuple[float, ...], anatomy: dic
 
 def _t1_image(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """T1 contrast x texture x smooth bias field + noise, int16, exactly 0 outside the head."""
-    texture = 1.0 + TEXTURE_STD * _smooth_field(tissue.shape, rng, 2.0)
+    texture = 1.0 + TEXTURE_STD * smooth_field(tissue.shape, rng, 2.0)
     grid = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in tissue.shape], indexing="ij")
     bias = np.exp(BIAS_STRENGTH * sum(c * g for c, g in zip(rng.uniform(-1, 1, 3), grid)) / 2)
     image = T1_INTENSITY[tissue] * texture * bias + NOISE_STD * 1000.0 * rng.standard_normal(tissue.shape)

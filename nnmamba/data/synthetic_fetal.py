@@ -23,11 +23,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
+from nnmamba.data.landmarks import (
+    IMAGES_DIR,
+    LANDMARK_NAMES,
+    POINTS_DIR,
+    POINTS_SUFFIX,
+    write_landmarks,
+)
 from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
-from nnmamba.data.landmarks import IMAGES_DIR, LANDMARK_NAMES, POINTS_DIR, POINTS_SUFFIX, write_landmarks
+from nnmamba.data.synthetic import smooth_field
 
 SYNTHETIC_CASE_ID = "fetal-{index:04d}"
 # On-disk orientations cycled over cases: identity, a flip of two axes, a permutation with flips.
@@ -104,7 +110,7 @@ def _paint_brain(shape: tuple[int, ...], ras_affine: np.ndarray,
     # Brain frame = rotation^-1 (world - shift); row vectors, so apply() of the inverse.
     local = rotation.inv().apply(world.reshape(-1, 3) - shift).reshape(*shape, 3)
 
-    radius = _ellipsoid_radius(local, np.zeros(3), brain_semi) + 0.02 * _smooth_field(shape, rng, 3.0)
+    radius = _ellipsoid_radius(local, np.zeros(3), brain_semi) + 0.02 * smooth_field(shape, rng, 3.0)
     brain = radius < 1.0
     tissue = np.full(shape, BACKGROUND, dtype=np.uint8)
     tissue[brain] = CSF
@@ -129,17 +135,11 @@ def _ellipsoid_radius(local: np.ndarray, centre: np.ndarray, semi: np.ndarray) -
     return np.sqrt((((local - centre) / semi) ** 2).sum(axis=-1))
 
 
-def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma: float) -> np.ndarray:
-    """Zero-mean, unit-std smooth random field: irregular boundaries, texture, bias."""
-    field = gaussian_filter(rng.standard_normal(shape), sigma)
-    return (field - field.mean()) / field.std()
-
-
 def _t2_image(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Contrast x texture x smooth bias field + noise, int16; exactly 0 outside the brain mask."""
     base = np.asarray(T2_INTENSITY)[tissue]
-    texture = 1.0 + TEXTURE_STD * _smooth_field(tissue.shape, rng, 2.0)
-    bias = np.exp(BIAS_STRENGTH * _smooth_field(tissue.shape, rng, max(tissue.shape) / 3) / 2)
+    texture = 1.0 + TEXTURE_STD * smooth_field(tissue.shape, rng, 2.0)
+    bias = np.exp(BIAS_STRENGTH * smooth_field(tissue.shape, rng, max(tissue.shape) / 3) / 2)
     image = base * texture * bias + NOISE_STD * rng.standard_normal(tissue.shape)
     # Noise must not create zeros inside the brain (the mask is "nonzero") nor values outside it.
     image = np.where(tissue != BACKGROUND, np.maximum(image * INTENSITY_SCALE, 1.0), 0.0)
