@@ -30,7 +30,7 @@ class Layout:
     """
 
     name: str
-    find_cases: Callable[[Path], list[CaseFiles]]
+    find_cases: Callable[[Path], list[CaseFiles]] | None
     labels: dict[int, str]
     channels: tuple[str, ...]
     write_synthetic: Callable[..., list[str]]
@@ -64,11 +64,6 @@ def _write_synthetic_nnunet(root: Path, **kwargs) -> list[str]:
     return write_synthetic_nnunet(root, **kwargs)
 
 
-def _cases_of(read_dataset: Callable[..., RawDataset]) -> Callable[[Path], list[CaseFiles]]:
-    """``find_cases`` of a self-describing layout: its reader with default options."""
-    return lambda root: read_dataset(Path(root)).cases
-
-
 def _write_synthetic_fetal(root: Path, **kwargs) -> list[str]:
     from nnmamba.data.synthetic_fetal import write_synthetic_fetal
 
@@ -91,9 +86,9 @@ LAYOUTS: dict[str, Layout] = {
         "brats2023", find_brats_cases, BRATS_LABELS, BRATS_MODALITIES, _write_synthetic_brats, _brats_patient
     ),
     # Labels and channels come from each dataset's dataset.json (empty here).
-    "amos22": Layout("amos22", _cases_of(read_amos_dataset), {}, (), _write_synthetic_amos,
+    "amos22": Layout("amos22", None, {}, (), _write_synthetic_amos,
                      read_dataset=read_amos_dataset),
-    "nnunet": Layout("nnunet", _cases_of(read_nnunet_dataset), {}, (), _write_synthetic_nnunet,
+    "nnunet": Layout("nnunet", None, {}, (), _write_synthetic_nnunet,
                      read_dataset=read_nnunet_dataset),
     # Labels are the landmark names: output channel k is the heatmap of landmark k.
     "landmarks": Layout(
