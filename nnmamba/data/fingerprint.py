@@ -38,7 +38,7 @@ def case_fingerprint(subject: tio.Subject, samples: int, rng: np.random.Generato
     foreground = label > 0
     n_foreground = int(foreground.sum())
     picks = rng.integers(0, n_foreground, size=samples) if n_foreground else np.zeros(0, dtype=np.int64)
-    intensities = [channel[foreground].numpy()[picks] for channel in image.data.to(torch.float64)]
+    intensities = [channel[foreground].numpy()[picks].astype(np.float64) for channel in image.data]
     values, counts = torch.unique(label, return_counts=True)
     shape = np.asarray(image.spatial_shape)
     return {
