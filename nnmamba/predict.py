@@ -33,7 +33,7 @@ from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
 from nnmamba.data.plan import Preprocessing
 from nnmamba.data.preprocess import load_case, preprocess_subject, to_raw_geometry
-from nnmamba.inference import sliding_window_predict
+from nnmamba.inference import predict_labels, sliding_window_predict
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -127,12 +127,12 @@ def segment_preprocessed(
     amp_dtype: torch.dtype | None = None,
 ) -> tio.LabelMap:
     """Label map on the raw grid of ``reference`` from a preprocessed [C, *spatial] image (see module doc)."""
-    probabilities = sliding_window_predict(model, image, patch_size, overlap=overlap, mirror_axes=mirror_axes,
-                                           device=device, amp_dtype=amp_dtype)[0]
+    window_options = {"overlap": overlap, "mirror_axes": mirror_axes, "device": device, "amp_dtype": amp_dtype}
     if properties.get("resampled"):
+        probabilities = sliding_window_predict(model, image, patch_size, **window_options)[0]
         back = to_raw_geometry(probabilities, properties, reference)
         return tio.LabelMap(tensor=_as_labels(back.data.argmax(dim=0, keepdim=True)), affine=back.affine)
-    back = to_raw_geometry(probabilities.argmax(dim=0), properties, reference)
+    back = to_raw_geometry(predict_labels(model, image, patch_size, **window_options)[0], properties, reference)
     return tio.LabelMap(tensor=_as_labels(back.data), affine=back.affine)
 
 
