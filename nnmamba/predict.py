@@ -119,7 +119,7 @@ def segment_preprocessed(
     model: nn.Module,
     image: torch.Tensor,
     properties: dict,
-    reference: Path,
+    reference: Path | tio.Image,
     patch_size: Sequence[int],
     overlap: float = 0.5,
     mirror_axes: Sequence[int] = (),
@@ -153,8 +153,8 @@ def predict_case(
     plan = record["plan"]
     subject = load_case(case, label_values=None)
     preprocessed, properties = preprocess_subject(subject, plan["crop_margin"], Preprocessing.from_plan(plan))
-    reference = next(iter(case.images.values()))
-    return segment_preprocessed(model, preprocessed["image"].data, properties, reference, record["patch_size"],
+    # The loaded raw image lies on the first channel's grid: the resampling target, not read again.
+    return segment_preprocessed(model, preprocessed["image"].data, properties, subject["image"], record["patch_size"],
                                 overlap=record["overlap"] if overlap is None else overlap,
                                 mirror_axes=mirror_axes, device=device)
 

@@ -70,14 +70,16 @@ def predict_and_score(model_dir: str, dataset_dir: str, case_ids: list[str],
     for case_id in case_ids:
         entry = index["cases"][case_id]
         subject = load_preprocessed(Path(dataset_dir), case_id)
-        reference = Path(entry["raw_label"] or next(iter(entry["raw_images"].values())))
-        prediction = segment_preprocessed(model, subject["image"].data, entry["properties"], reference, patch,
-                                          overlap=evaluate["overlap"], mirror_axes=evaluate["mirror_axes"],
+        first_image = Path(next(iter(entry["raw_images"].values())))
+        # The raw label, read once: the grid to predict on and the truth to score against.
+        truth = tio.LabelMap(entry["raw_label"]) if entry["raw_label"] is not None else None
+        prediction = segment_preprocessed(model, subject["image"].data, entry["properties"],
+                                          first_image if truth is None else truth,
+                                          patch, overlap=evaluate["overlap"], mirror_axes=evaluate["mirror_axes"],
                                           device=device)
         row = {"case_id": case_id}
-        ending = file_ending(Path(next(iter(entry["raw_images"].values()))))
-        if entry["raw_label"] is not None:
-            truth = tio.LabelMap(entry["raw_label"])
+        ending = file_ending(first_image)
+        if truth is not None:
             metrics = segmentation_metrics(prediction.numpy()[0], truth.numpy()[0], truth.spacing,
                                            evaluate["regions"], evaluate["nsd_tolerance_mm"])
             row.update({f"test_{k}": v for k, v in metrics.items()})

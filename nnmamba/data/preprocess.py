@@ -416,8 +416,9 @@ def _dataset_entry(dataset_dir: Path, case_id: str) -> dict:
     return cases[case_id]
 
 
-def to_raw_geometry(label_or_probs: torch.Tensor, properties: dict, reference: Path) -> tio.Image:
-    """Map a prediction from preprocessed space onto the raw grid of ``reference``.
+def to_raw_geometry(label_or_probs: torch.Tensor, properties: dict, reference: Path | tio.Image) -> tio.Image:
+    """Map a prediction from preprocessed space onto the raw grid of ``reference`` (a file, or an image
+    already loaded from it, which saves reading it again).
 
     Integer/bool tensors are label maps (nearest neighbour); floating tensors are
     probabilities (linear) and are 0 outside the crop box, so an argmax there
@@ -427,9 +428,10 @@ def to_raw_geometry(label_or_probs: torch.Tensor, properties: dict, reference: P
     Where preprocessing changed the spacing, map probabilities (nnU-Net's order:
     interpolate, then argmax on the raw grid), not labels.
     """
-    reference = Path(reference)
-    if not reference.is_file():
-        raise DataError(f"reference image {reference} does not exist")
+    if not isinstance(reference, tio.Image):
+        if not Path(reference).is_file():
+            raise DataError(f"reference image {reference} does not exist")
+        reference = tio.ScalarImage(reference, reader=read_image_file)
     tensor = label_or_probs.detach().cpu()
     tensor = tensor if tensor.ndim == 4 else tensor[None]
     if list(tensor.shape[1:]) != list(properties["preprocessed_shape"]):
@@ -447,4 +449,4 @@ def to_raw_geometry(label_or_probs: torch.Tensor, properties: dict, reference: P
             image = tio.Pad(1, padding_mode="edge")(image)
     else:
         image = tio.LabelMap(tensor=tensor.to(torch.int64), affine=affine)
-    return tio.Resample(target=tio.ScalarImage(reference, reader=read_image_file))(image)
+    return tio.Resample(target=reference)(image)
