@@ -51,9 +51,14 @@ def measure_macs(model: nn.Module, in_channels: int) -> MacModel:
     Why probes: a CPU forward at the paper's 128^3 takes long on a laptop, and two small
     inputs determine the count exactly (see MacModel).
     """
-    small, large = (count_macs(model, (1, in_channels, *probe)) for probe in _PROBES)
+    constant, per_voxel = _affine_in_voxels(*(count_macs(model, (1, in_channels, *probe)) for probe in _PROBES))
+    return MacModel(constant=constant, per_voxel=per_voxel)
+
+
+def _affine_in_voxels(small: float, large: float) -> tuple[float, float]:
+    """(constant, per-voxel slope) of the line through the two probes' measurements."""
     per_voxel = (large - small) / (math.prod(_PROBES[1]) - math.prod(_PROBES[0]))
-    return MacModel(constant=small - per_voxel * math.prod(_PROBES[0]), per_voxel=per_voxel)
+    return small - per_voxel * math.prod(_PROBES[0]), per_voxel
 
 
 # Two input sizes divisible by the networks' total downsampling (16).
@@ -88,11 +93,11 @@ def measure_training_memory(model: nn.Module, in_channels: int) -> TrainingMemor
     are halved.
     """
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    small, large = (_saved_activation_bytes(model, (2, in_channels, *probe)) / 2 for probe in _PROBES)
-    per_voxel = (large - small) / (math.prod(_PROBES[1]) - math.prod(_PROBES[0]))
+    per_sample, per_voxel = _affine_in_voxels(
+        *(_saved_activation_bytes(model, (2, in_channels, *probe)) / 2 for probe in _PROBES))
     return TrainingMemory(
         fixed_bytes=float(_TRAINING_COPIES_PER_PARAMETER * parameter_bytes),
-        per_sample_bytes=float(small - per_voxel * math.prod(_PROBES[0])),
+        per_sample_bytes=float(per_sample),
         bytes_per_voxel=float(per_voxel),
     )
 

@@ -7,6 +7,7 @@ out_channels, **kwargs)`. Variants are the ablation rows of the paper's Table 5.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -192,24 +193,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _dense_builder(variant: str) -> ModelBuilder:
-    def build(in_channels: int, out_channels: int, **kwargs) -> nn.Module:
-        return NnMambaSeg(in_channels, out_channels, variant=variant, **kwargs)
-
-    return build
-
-
 for _task in ("segmentation", "landmark"):
     for _variant in DENSE_VARIANTS:
-        register(_task, _variant, _dense_builder(_variant))
-
-
-def _classification_builder(variant: str) -> ModelBuilder:
-    def build(in_channels: int, out_channels: int, **kwargs) -> nn.Module:
-        return NnMambaCls(in_channels, out_channels, variant=variant, **kwargs)
-
-    return build
-
-
+        register(_task, _variant, partial(NnMambaSeg, variant=_variant))
 for _variant in CLASSIFICATION_VARIANTS:
-    register("classification", _variant, _classification_builder(_variant))
+    register("classification", _variant, partial(NnMambaCls, variant=_variant))

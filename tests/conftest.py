@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -102,6 +103,18 @@ def ablation_runs(client, experiment: str, variants: list[str], seeds: list[int]
     assert sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in children) == sorted(
         (v, s) for v in variants for s in seeds)
     return parents[0], children
+
+
+def same_geometry(written: Path, reference: Path) -> "sitk.Image":
+    """The written image as a SimpleITK image, after checking it has the reference's size, spacing,
+    origin and direction."""
+    import SimpleITK as sitk
+
+    ours, theirs = sitk.ReadImage(str(written)), sitk.ReadImage(str(reference))
+    assert ours.GetSize() == theirs.GetSize()
+    for getter in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(ours, getter)(), getattr(theirs, getter)(), atol=1e-5)
+    return ours
 
 
 def run_in(root: Path, *command, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from nnmamba.data.abdomen_phantom import AMOS_LABELS
 from nnmamba.metrics import per_class_regions
-from tests.conftest import run_in, write_project
+from tests.conftest import ablation_runs, run_in, same_geometry, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +55,6 @@ def repro(tmp_path_factory, ray_cluster):
     return root, env
 
 
-def _same_geometry(ours_path, theirs_path) -> np.ndarray:
-    ours, theirs = sitk.ReadImage(str(ours_path)), sitk.ReadImage(str(theirs_path))
-    assert ours.GetSize() == theirs.GetSize()
-    for getter in ("GetSpacing", "GetOrigin", "GetDirection"):
-        np.testing.assert_allclose(getattr(ours, getter)(), getattr(theirs, getter)(), atol=1e-5)
-    return sitk.GetArrayFromImage(ours)
-
-
 def test_plans_and_per_class_metrics(repro):
     root, _ = repro
     for study, channels in (("amos_ct", ["CT"]), ("amos_mr", ["MR"]), ("abdomen_mha", ["CT", "MR"])):
@@ -89,9 +81,9 @@ def test_predictions_lie_in_the_raw_geometry(repro):
     written = sorted((root / "predictions/abdomen_mha/miccss-seed0").iterdir())
     assert [p.suffix for p in written] == [".mha", ".mha"]
     for path in written:
-        labels = _same_geometry(path, root / f"data/raw/synthetic/abdomen_mha/labelsTr/{path.name}")
+        labels = sitk.GetArrayFromImage(same_geometry(path, root / f"data/raw/synthetic/abdomen_mha/labelsTr/{path.name}"))
         assert set(np.unique(labels)) <= {0, 1, 2, 3}
-    _same_geometry(root / "predictions/amos_mr/miccss-seed0/amos_0504.nii.gz",
+    same_geometry(root / "predictions/amos_mr/miccss-seed0/amos_0504.nii.gz",
                    root / "data/raw/synthetic/amos22/imagesTs/amos_0504.nii.gz")
 
 
@@ -99,13 +91,9 @@ def test_mlflow_runs_and_reports(repro):
     root, _ = repro
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     for study in ("amos_ct", "abdomen_mha"):
-        experiment = client.get_experiment_by_name(f"nnmamba-seg-{study}")
-        runs = client.search_runs([experiment.experiment_id], max_results=100)
-        children = [r for r in runs if r.data.tags.get("run_type") == "trial"]
         expected = VARIANTS if study == "amos_ct" else ["miccss"]
-        assert sorted(r.data.tags["variant"] for r in children) == sorted(expected)
+        parent, children = ablation_runs(client, f"nnmamba-seg-{study}", expected, [0])
         assert all("test_dice_liver" in r.data.metrics and "test_hd95_mean" in r.data.metrics for r in children)
-        parent = next(r for r in runs if r.data.tags.get("run_type") == "ablation")
         assert "miccss_test_dice_liver_mean" in parent.data.metrics
     table = (root / "reports/amos22_table2.md").read_text()
     for text in ("Params (M)", "GFLOPs 1×128³", "CT-Test mDice (%)", "MR-Test mNSD (%)", "+MICCSS", "Baseline"):
@@ -123,7 +111,7 @@ def test_predict_from_the_model_registry(repro):
     run_in(root, "python", "-m", "pipelines.cli", "predict", "--model", "models:/nnmamba-seg-amos_mr-miccss/1",
            "--input", raw, "--output", root / "cli_out", "--device", "cpu", "--tracking-uri",
            f"sqlite:///{root}/mlflow.db", env=env)
-    labels = _same_geometry(root / "cli_out/amos_0504.nii.gz", raw)
+    labels = sitk.GetArrayFromImage(same_geometry(root / "cli_out/amos_0504.nii.gz", raw))
     # Same model, same plan, same sliding windows: exactly what `evaluate` wrote for this case.
     evaluated = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "predictions/amos_mr/miccss-seed0/amos_0504.nii.gz")))
     np.testing.assert_array_equal(labels, evaluated)

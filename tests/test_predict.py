@@ -25,7 +25,7 @@ from nnmamba.data.synthetic_nnunet import write_synthetic_nnunet
 from nnmamba.models import build_model
 from nnmamba.predict import find_input_cases, predict_cases
 from pipelines.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, same_geometry
 
 CT_CLIP, CT_MEAN, CT_STD = (-200.0, 400.0), 100.0, 40.0
 THRESHOLD_HU = 80.5  # HU are integers: no voxel sits on the threshold
@@ -66,14 +66,6 @@ def mha_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "imagesTs"
 
 
-def _same_geometry(written: Path, reference: Path) -> sitk.Image:
-    ours, theirs = sitk.ReadImage(str(written)), sitk.ReadImage(str(reference))
-    assert ours.GetSize() == theirs.GetSize()
-    for getter in ("GetSpacing", "GetOrigin", "GetDirection"):
-        np.testing.assert_allclose(getattr(ours, getter)(), getattr(theirs, getter)(), atol=1e-5)
-    return ours
-
-
 def test_multi_channel_inputs_are_grouped_by_nnunet_names(mha_inputs: Path, tmp_path: Path) -> None:
     cases = find_input_cases(mha_inputs, ["CT", "MR"])
     assert [c.case_id for c in cases] == ["case_000", "case_001", "case_002"]
@@ -111,7 +103,7 @@ def test_labels_match_brute_force_in_the_input_geometry(mha_inputs: Path, tmp_pa
     assert [p.name for p in written] == ["case_000.mha", "case_001.mha", "case_002.mha"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in written]  # no partial files
     for case, path in zip(cases, written):
-        ours = _same_geometry(path, case.images["CT"])
+        ours = same_geometry(path, case.images["CT"])
         hu = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images["CT"]))).astype(np.float64)
         expected = (np.clip(hu, *CT_CLIP) > THRESHOLD_HU).astype(np.uint8)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), expected)
@@ -129,7 +121,7 @@ def test_resampling_plans_map_probabilities_back(mha_inputs: Path, tmp_path: Pat
     cases = find_input_cases(mha_inputs, ["CT", "MR"])[:2]
     record = _record(["CT", "MR"], target_spacing=[1.8, 1.8, 4.0])
     for case, path in zip(cases, predict_cases(_oracle(), record, cases, tmp_path, device="cpu", progress=False)):
-        ours = _same_geometry(path, case.images["CT"])
+        ours = same_geometry(path, case.images["CT"])
         hu = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images["CT"])))
         agreement = (sitk.GetArrayFromImage(ours) == (hu > THRESHOLD_HU)).mean()
         assert agreement > 0.95  # interpolated twice (to 1.8 x 1.8 x 4 mm and back)
@@ -147,7 +139,7 @@ def test_cli_predicts_with_a_model_bundle(mha_inputs: Path, tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "1 label file(s)" in result.stdout and "predict" in result.stderr  # tqdm progress on stderr
     written = tmp_path / "out/case_001.mha"
-    labels = sitk.GetArrayFromImage(_same_geometry(written, mha_inputs / "case_001_0000.mha"))
+    labels = sitk.GetArrayFromImage(same_geometry(written, mha_inputs / "case_001_0000.mha"))
     assert set(np.unique(labels)) <= {0, 1}
     with pytest.raises(SystemExit, match=r"nnmamba predict: input .*missing does not exist"):
         main([*command[3:7], str(tmp_path / "missing"), *command[8:]])
