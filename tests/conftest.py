@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,11 +106,9 @@ def ablation_runs(client, experiment: str, variants: list[str], seeds: list[int]
     return parents[0], children
 
 
-def same_geometry(written: Path, reference: Path) -> "sitk.Image":
+def same_geometry(written: Path, reference: Path) -> sitk.Image:
     """The written image as a SimpleITK image, after checking it has the reference's size, spacing,
     origin and direction."""
-    import SimpleITK as sitk
-
     ours, theirs = sitk.ReadImage(str(written)), sitk.ReadImage(str(reference))
     assert ours.GetSize() == theirs.GetSize()
     for getter in ("GetSpacing", "GetOrigin", "GetDirection"):

@@ -81,7 +81,8 @@ def test_predictions_lie_in_the_raw_geometry(repro):
     written = sorted((root / "predictions/abdomen_mha/miccss-seed0").iterdir())
     assert [p.suffix for p in written] == [".mha", ".mha"]
     for path in written:
-        labels = sitk.GetArrayFromImage(same_geometry(path, root / f"data/raw/synthetic/abdomen_mha/labelsTr/{path.name}"))
+        raw_label = root / f"data/raw/synthetic/abdomen_mha/labelsTr/{path.name}"
+        labels = sitk.GetArrayFromImage(same_geometry(path, raw_label))
         assert set(np.unique(labels)) <= {0, 1, 2, 3}
     same_geometry(root / "predictions/amos_mr/miccss-seed0/amos_0504.nii.gz",
                    root / "data/raw/synthetic/amos22/imagesTs/amos_0504.nii.gz")
