@@ -34,6 +34,7 @@ run_step() {  # run_step NAME SECONDS CHECKOUT LABEL COMMAND...
   (( left < limit )) && limit=$left
   (( limit < 20 )) && { echo "=== $name skipped: no time left"; return; }
   echo "=== $name ($label, up to ${limit}s)"
+  [ "$label" = branch ] && label=${CODE:-branch}
   (cd "$checkout" && NNMAMBA_CODE_LABEL=$label PYTHONPATH="$checkout:$checkout/benchmarks:/tmp/site" \
      timeout "$limit" "$@") > "$RES/$name.log" 2>&1
   echo "rc=$?" >> "$RES/$name.log"
@@ -63,8 +64,10 @@ for step in "$@"; do
            run_step ddp_$n 80 "$SRC" branch python3 -m torch.distributed.run --standalone --nproc_per_node=$n \
              "$S/ddp_scaling.py" --out "$RES/ddp_scaling.json"
          done ;;
-    loader) run_step loader 240 "$SRC" branch python3 "$S/loader_speed.py" --out "$RES/loader_speed.json" \
+    loader) run_step loader 200 "$SRC" branch python3 "$S/loader_speed.py" --out "$RES/loader_speed.json" \
         --workers 16 8 --gpu-step-ms "${GPU_STEP_MS:-39.8}" ;;
+    loader_nii) run_step loader_nii 150 "$SRC" branch python3 "$S/loader_speed.py" \
+        --out "$RES/loader_speed_uncompressed.json" --suffix .nii --workers 16 --gpu-step-ms "${GPU_STEP_MS:-39.8}" ;;
     ray) run_step ray 560 "$SRC" branch python3 "$S/ray_train_scaling.py" --out "$RES/ray_train_scaling.json" \
         --gpus 1 2 4 --deadline-s $(( DEADLINE - $(date +%s) - 120 )) ;;
     *) echo "unknown step $step" ;;

@@ -25,6 +25,7 @@ from _common import ResultFile
 from nnmamba.data.sampling import make_patch_loader
 
 SHAPE = (240, 240, 155)
+BATCH, SAMPLES_PER_VOLUME, QUEUE_LENGTH = 2, 8, 64
 # params.yaml, profile `paper`
 AUGMENTATION = {"flip_axes": [0, 1, 2], "flip_p": 0.5, "affine_p": 0.2, "scales": 0.1, "degrees": 10,
                 "gamma_p": 0.2, "noise_p": 0.1}
@@ -46,27 +47,36 @@ def write_case(directory: Path, index: int, suffix: str = ".nii.gz") -> tuple[Pa
 
 
 def batches_per_second(images: list[Path], labels: list[Path], workers: int, batches: int) -> dict:
-    loader = make_patch_loader(images, labels, patch_size=(128, 128, 128), batch_size=2, samples_per_volume=8,
-                               queue_length=64, label_probabilities={0: 1, 1: 1, 2: 1, 3: 1},
-                               augmentation=AUGMENTATION, num_workers=workers, seed=0)
+    """Steady-state batches/s: timed after twice the queue's length has been drained.
+
+    The queue fills itself (QUEUE_LENGTH patches) before its first batch; timing from there
+    would count those ready-made patches as throughput.
+    """
+    loader = make_patch_loader(images, labels, patch_size=(128, 128, 128), batch_size=BATCH,
+                               samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
+                               label_probabilities={0: 1, 1: 1, 2: 1, 3: 1}, augmentation=AUGMENTATION,
+                               num_workers=workers, seed=0)
     stream = itertools.chain.from_iterable(itertools.repeat(loader))
     started = time.perf_counter()
     next(stream)
     first = time.perf_counter() - started
+    warmup = 2 * QUEUE_LENGTH // BATCH
+    for _ in range(warmup):
+        next(stream)
     started = time.perf_counter()
     for _ in range(batches):
         next(stream)
     elapsed = time.perf_counter() - started
-    return {"workers": workers, "first_batch_s": first, "batches": batches, "seconds": elapsed,
-            "batches_per_s": batches / elapsed}
+    return {"workers": workers, "first_batch_s": first, "warmup_batches": warmup, "batches": batches,
+            "seconds": elapsed, "batches_per_s": batches / elapsed}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--cases", type=int, default=16)
+    parser.add_argument("--cases", type=int, default=32, help="a pass over them restarts the queue's workers")
     parser.add_argument("--workers", nargs="+", type=int, default=[16])
-    parser.add_argument("--batches", type=int, default=60, help="timed batches after the first")
+    parser.add_argument("--batches", type=int, default=200, help="timed batches after the warm-up")
     parser.add_argument("--suffix", default=".nii.gz", help="file format of the cases (.nii: uncompressed)")
     parser.add_argument("--gpu-step-ms", type=float, required=True, help="measured train step of the GPU to feed")
     args = parser.parse_args()
@@ -75,7 +85,7 @@ def main() -> None:
     with ProcessPoolExecutor() as pool:
         pairs = list(pool.map(write_case, itertools.repeat(directory), range(args.cases), itertools.repeat(args.suffix)))
     results = ResultFile(args.out, {"benchmark": "loader_speed", "volume": [4, *SHAPE], "patch": [128] * 3,
-                                    "batch": 2, "samples_per_volume": 8, "queue_length": 64,
+                                    "batch": BATCH, "samples_per_volume": SAMPLES_PER_VOLUME, "queue_length": QUEUE_LENGTH,
                                     "augmentation": AUGMENTATION, "cases": args.cases, "suffix": args.suffix,
                                     "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started})
     images, labels = [p[0] for p in pairs], [p[1] for p in pairs]

@@ -176,7 +176,7 @@ def measure(task: str, variant: str, shape: Shape, config: Config, steps: int, r
 
 
 def profile_train_step(task: str, variant: str, shape: Shape, config: Config, out_dir: Path) -> None:
-    """torch.profiler table (by GPU time) of a few train steps, and GPU busy time vs wall time."""
+    """torch.profiler tables (by GPU time; by operator and input shapes) of a few train steps."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
@@ -185,14 +185,17 @@ def profile_train_step(task: str, variant: str, shape: Shape, config: Config, ou
     train_epoch(runner, batches, loss_fn, optimizer, 5, device, config.dtype, config.channels_last, captured)
     torch.cuda.synchronize()
     steps = 5
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         train_epoch(runner, batches, loss_fn, optimizer, steps, device, config.dtype, config.channels_last, captured)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     name = f"profile_{task}_{variant}_{shape.name}_{config}"
     table = averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
     gpu_us = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / steps
-    (out_dir / f"{name}.txt").write_text(f"GPU kernel time per step: {gpu_us / 1e3:.2f} ms\n\n{table}\n")
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=50,
+                                                                  max_name_column_width=40, max_shapes_column_width=90)
+    (out_dir / f"{name}.txt").write_text(f"GPU kernel time per step: {gpu_us / 1e3:.2f} ms\n\n{table}\n\n"
+                                         f"By operator and input shapes:\n{by_shape}\n")
     print(f"{name}: GPU kernel time per step {gpu_us / 1e3:.2f} ms")
 
 

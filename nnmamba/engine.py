@@ -81,6 +81,17 @@ def capture_ready_stream(device: torch.device, enabled: bool = True) -> Iterator
     torch.cuda.current_stream(device).wait_stream(stream)
 
 
+def optimisation_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, image: torch.Tensor,
+                      target: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Forward, loss, backward and optimizer step on one batch; returns the loss, detached and not synchronised."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(image.device, dtype):
+        loss = loss_fn(model(image), target)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 # Eager steps before capture: PyTorch's CUDA-graph notes ask for 11 under DDP (its buckets are built by then).
 CAPTURE_WARMUP_STEPS = 11
 
@@ -111,12 +122,7 @@ class CapturedTrainStep:
         self.side_stream = torch.cuda.Stream()
 
     def _step(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(image.device, self.dtype):
-            loss = self.loss_fn(self.model(image), target)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return optimisation_step(self.model, self.loss_fn, self.optimizer, image, target, self.dtype)
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Train on one batch; returns the loss (on the GPU)."""
@@ -153,28 +159,35 @@ def train_epoch(
 ) -> float:
     """Run `steps` optimisation steps and return the mean training loss.
 
-    A non-finite loss stops training with an error instead of silently corrupting the weights
-    (with `captured_step`, whose replay includes the optimizer step, right after that step).
+    Each step's loss is read (a GPU synchronisation) only after the next step has been launched,
+    so the GPU keeps working while the next batch is fetched and copied. A non-finite loss
+    therefore stops training with an error one step after it occurred: the weights in memory
+    are spoilt by then, but nothing is saved from them.
     """
     model.train()
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-    total = 0.0
-    for step, batch in enumerate(islice(batches, steps)):
+    launched: list[torch.Tensor] = []
+    values: list[float] = []
+    for batch in islice(batches, steps):
         image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         target = batch["label"].to(device, non_blocking=True)
         if captured_step is not None:
-            loss = captured_step(image, target)
+            launched.append(captured_step(image, target))
         else:
-            with autocast(device, dtype):
-                loss = loss_fn(model(image), target)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
-        if captured_step is None:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        total += loss.item()
-    return total / steps
+            launched.append(optimisation_step(model, loss_fn, optimizer, image, target, dtype))
+        if len(launched) > 1:
+            values.append(_finite_loss(launched[-2], len(launched) - 2))
+    if not launched:
+        raise ValueError("train_epoch got no batches")
+    values.append(_finite_loss(launched[-1], len(launched) - 1))
+    return sum(values) / len(values)
+
+
+def _finite_loss(loss: torch.Tensor, step: int) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss became {value} at step {step}")
+    return value
 
 
 def validation_dice(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torchio as tio
 
 from nnmamba.data.brats import BRATS_LABELS, find_brats_cases
 from nnmamba.data.preprocess import load_preprocessed, prepare_dataset
-from nnmamba.data.sampling import augmentation_transform, make_patch_loader
+from nnmamba.data.sampling import DrawnPatches, augmentation_transform, hand_out, make_patch_loader
 from nnmamba.data.synthetic import write_synthetic_brats
 
 SHAPE = (32, 32, 24)
@@ -157,3 +158,11 @@ def test_bad_arguments(dataset: dict) -> None:
         _loader(dataset, rank=0, world_size=5)
     with pytest.raises(ValueError, match="rank 2 is not in"):
         _loader(dataset, rank=2, world_size=2)
+
+
+def test_a_subject_split_over_two_queue_fills_hands_out_each_drawn_patch_once() -> None:
+    patches = [tio.Subject(image=tio.ScalarImage(tensor=torch.full((1, 2, 2, 2), float(i)))) for i in range(5)]
+    drawn = DrawnPatches(list(patches), num_samples=5)
+    first = list(itertools.islice(hand_out(drawn), 3))
+    rest = list(hand_out(drawn))
+    assert [p["image"].data[0, 0, 0, 0].item() for p in first + rest] == [0, 1, 2, 3, 4]

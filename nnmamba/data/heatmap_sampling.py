@@ -26,7 +26,8 @@ import torch
 import torchio as tio
 from torch.utils.data import DataLoader
 
-from nnmamba.data.sampling import ContainingLabelSampler, PrivateRngLoader, augmentation_transform, rank_share
+from nnmamba.data.sampling import (ContainingLabelSampler, PrivateRngLoader, augmentation_transform, patch_queue,
+                                   rank_share)
 from nnmamba.heatmaps import gaussian_heatmaps
 
 HEATMAPS = "heatmaps"
@@ -93,14 +94,8 @@ def make_heatmap_loader(
     ]
     transform = tio.Compose([AddGaussianHeatmaps(sigma_mm), tio.CropOrPad(patch_size, only_pad=True),
                              augmentation_transform(augmentation), AddLandmarkPeaks()])
-    queue = tio.Queue(
-        tio.SubjectsDataset(subjects, transform=transform),
-        max_length=queue_length,
-        samples_per_volume=samples_per_volume,
-        sampler=ContainingLabelSampler(patch_size, label_name=PEAKS, label_probabilities=label_probabilities),
-        num_workers=num_workers,
-        start_background=False,
-    )
+    sampler = ContainingLabelSampler(patch_size, label_name=PEAKS, label_probabilities=label_probabilities)
+    queue = patch_queue(subjects, transform, sampler, samples_per_volume, queue_length, num_workers)
     return PrivateRngLoader(queue, seed=seed, rank=rank, batch_size=batch_size, collate_fn=collate_heatmap_patches)
 
 

@@ -1,0 +1,60 @@
+"""The training loop: mean loss and weights against hand-written steps, and its stop on a non-finite loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nnmamba.engine import build_optimizer, train_epoch
+
+
+def _batches(count: int, nan_at: int | None = None) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(2, 1, 4, 4, 4, generator=generator),
+                "label": torch.randint(0, 3, (2, 4, 4, 4), generator=generator)} for _ in range(count)]
+    if nan_at is not None:
+        batches[nan_at]["image"][0, 0, 0, 0, 0] = float("nan")
+    return batches
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 1))
+
+
+def test_mean_loss_and_weights_match_plain_steps() -> None:
+    batches, loss_fn = _batches(4), nn.CrossEntropyLoss()
+    model = _model()
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(model, "adam", lr=0.01, weight_decay=0.001)
+    reference_optimizer = build_optimizer(reference, "adam", lr=0.01, weight_decay=0.001)
+    expected = []
+    for batch in batches:
+        reference_optimizer.zero_grad()
+        loss = loss_fn(reference(batch["image"]), batch["label"])
+        loss.backward()
+        reference_optimizer.step()
+        expected.append(loss.item())
+
+    mean = train_epoch(model, iter(batches), loss_fn, optimizer, 4, torch.device("cpu"))
+
+    assert mean == pytest.approx(sum(expected) / 4, rel=1e-6)
+    for trained, manual in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(trained, manual)
+
+
+def test_a_non_finite_loss_stops_training_naming_its_step() -> None:
+    model = _model()
+    optimizer = build_optimizer(model, "adam", lr=0.01, weight_decay=0.001)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        train_epoch(model, iter(_batches(5, nan_at=2)), nn.CrossEntropyLoss(), optimizer, 5, torch.device("cpu"))
+
+
+def test_a_non_finite_loss_in_the_last_step_is_caught_too() -> None:
+    model = _model()
+    optimizer = build_optimizer(model, "adam", lr=0.01, weight_decay=0.001)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        train_epoch(model, iter(_batches(3, nan_at=2)), nn.CrossEntropyLoss(), optimizer, 3, torch.device("cpu"))
