@@ -1,8 +1,8 @@
 """Data-parallel training throughput of the segmentation network on 1..N GPUs of one host, without Ray.
 
 Run once per GPU count under torchrun; every rank trains the paper's segmentation network (B=2 per
-GPU, 1 x 128^3, 16 classes, bf16, channels_last_3d, NCCL DDP with static_graph and
-gradient_as_bucket_view as the Ray worker wraps it) on in-memory batches through
+GPU, 1 x 128^3, 16 classes, bf16, channels_last_3d, NCCL DDP with `nnmamba.engine.DDP_OPTIONS`,
+as the Ray worker wraps it) on in-memory batches through
 `nnmamba.engine.train_epoch`, once per mode: "eager" (kernels launched from Python) and "graph"
 (the whole DDP step, all-reduces included, replayed as a CUDA graph by `CapturedTrainStep`).
 Each mode starts from the same initial weights and batches, so the per-step losses of its first
@@ -31,7 +31,7 @@ from _synthetic import synthetic_batches
 
 def run_mode(graphed: bool, local_rank: int, variant: str, check_steps: int, steps: int) -> dict:
     """Train a freshly seeded model `check_steps` steps (losses recorded one by one), then time `steps` more."""
-    from nnmamba.engine import CapturedTrainStep, build_optimizer, capture_ready_stream, train_epoch
+    from nnmamba.engine import DDP_OPTIONS, CapturedTrainStep, build_optimizer, capture_ready_stream, train_epoch
     from nnmamba.losses import build_loss
     from nnmamba.models import build_model
 
@@ -39,8 +39,7 @@ def run_mode(graphed: bool, local_rank: int, variant: str, check_steps: int, ste
     torch.manual_seed(0)
     model = build_model("segmentation", variant, 1, 16).to(device, memory_format=torch.channels_last_3d)
     with capture_ready_stream(device, enabled=graphed):
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank], static_graph=True,
-                                                          gradient_as_bucket_view=True)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank], **DDP_OPTIONS)
     optimizer = build_optimizer(model.module, "adam", lr=2e-3, weight_decay=1e-3, capturable=graphed)
     loss_fn = build_loss("segmentation")
     captured = CapturedTrainStep(model, loss_fn, optimizer, torch.bfloat16) if graphed else None
