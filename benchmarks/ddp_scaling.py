@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from _common import machine, max_relative_difference, seconds_since, stamp_cuda_start, stamp_first_collective
+from _common import (code_version, machine, max_relative_difference, seconds_since, stamp_cuda_start,
+                     stamp_first_collective)
 from _synthetic import BATCH, CLASSES, IN_CHANNELS, segmentation_batches
 
 
@@ -90,6 +91,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         entry = {"gpus": world, "variant": args.variant, "batch_per_gpu": BATCH, "steps": args.steps,
                  "modes": modes, "phases_s_since_process_start": all_phases, "machine": machine(),
+                 "code": code_version(),
                  "env": {k: os.environ.get(k) for k in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_NVLS_ENABLE")}}
         if {"eager", "graph"} <= modes.keys():
             entry["max_rel_loss_diff_graph_vs_eager"] = max_relative_difference(modes["eager"]["losses"],

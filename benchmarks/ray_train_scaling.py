@@ -37,7 +37,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from _common import machine, seconds_since, stamp_cuda_start, stamp_first_collective
+from _common import ResultFile, seconds_since, stamp_cuda_start, stamp_first_collective
 from _synthetic import BATCH, CLASSES, IN_CHANNELS, PATCH, segmentation_batches
 from pipelines.cluster import WORKER_ENV
 
@@ -159,8 +159,7 @@ def main() -> None:
              include_dashboard=False,
              runtime_env={"env_vars": env})
     ray_ready = time.time() - started
-    payload = {"benchmark": "ray_train_scaling", "ray": ray.__version__, "machine": machine(),
-               "ray_init_s": ray_ready, "runs": []}
+    results = ResultFile(args.out, {"benchmark": "ray_train_scaling", "ray": ray.__version__, "ray_init_s": ray_ready})
     for mode in args.modes:
         graphed = mode == "graph" and not args.smoke  # CUDA graphs only exist on the GPU
         (work / mode).mkdir()
@@ -171,11 +170,11 @@ def main() -> None:
                 continue
             entry = run(gpus, trial, work / "results", use_gpu=not args.smoke)
             entry["mode"] = mode
-            payload["runs"].append(entry)
-            one = next((r["samples_per_s"] for r in payload["runs"] if r["gpus"] == 1 and r["mode"] == mode), None)
+            done = [*results.payload["results"], entry]
+            one = next((r["samples_per_s"] for r in done if r["gpus"] == 1 and r["mode"] == mode), None)
             if one and entry["samples_per_s"]:
                 entry["scaling_efficiency"] = entry["samples_per_s"] / (gpus * one)
-            args.out.write_text(json.dumps(payload, indent=2, default=str))
+            results.add(entry)
             print(f"Ray Train {mode} {gpus} GPU(s): {entry['samples_per_s']} samples/s, efficiency "
                   f"{entry.get('scaling_efficiency')}, fit {entry['fit_wall_s']:.0f} s, phases "
                   f"{entry['worker_phases_s_since_train_function_entered'][:1]}", flush=True)
