@@ -8,7 +8,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,39 @@ def cpu_time_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def max_relative_difference(reference: Sequence[float], other: Sequence[float]) -> float:
+    """Largest |other - reference| / |reference| over paired values: how far one loss curve strays from another."""
+    return max(abs(o - r) / abs(r) for r, o in zip(reference, other))
+
+
+def stamp_cuda_start(phases: dict[str, float], device: torch.device) -> bool:
+    """Create the CUDA context and import the mamba-ssm kernels, stamping each in `phases` (wall clock).
+
+    Start-up phases of a training process, timed the same way with or without Ray. Returns
+    whether the kernels imported; without them "kernels_import" is NaN.
+    """
+    torch.zeros(1, device=device)
+    phases["cuda_context"] = time.time()
+    from nnmamba.ssm import cuda_kernels_available
+
+    available = cuda_kernels_available()
+    phases["kernels_import"] = time.time() if available else float("nan")
+    return available
+
+
+def stamp_first_collective(phases: dict[str, float], device: torch.device) -> None:
+    """One all-reduce, where a process group exists, stamped "nccl_first_collective": NCCL sets up its
+    communicators on the first collective, not when the group is created."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(torch.ones(1, device=device))
+    phases["nccl_first_collective"] = time.time()
+
+
+def seconds_since(phases: dict[str, Any], origin: str) -> dict[str, float]:
+    """The timestamps among `phases`, in seconds after phases[origin] (ms resolution)."""
+    return {k: round(v - phases[origin], 3) for k, v in phases.items() if isinstance(v, float)}
 
 
 def summary(times: list[float]) -> dict[str, float]:

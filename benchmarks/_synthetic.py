@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+# The paper's AMOS-style segmentation setting the training benchmarks run: one input channel,
+# 16 classes, B=2 patches of 128^3 per GPU.
+IN_CHANNELS, CLASSES, BATCH, PATCH = 1, 16, 2, (128, 128, 128)
+
 
 def synthetic_batches(count: int, batch: int, in_channels: int, classes: int, spatial: tuple[int, ...],
                       seed: int) -> list[dict[str, torch.Tensor]]:
@@ -20,3 +24,9 @@ def synthetic_batches(count: int, batch: int, in_channels: int, classes: int, sp
         label = torch.randint(0, classes, (batch, 1, *spatial), generator=generator)
         batches.append({"image": image.pin_memory() if pin else image, "label": label.pin_memory() if pin else label})
     return batches
+
+
+def segmentation_batches(seed: int, batch: int = BATCH,
+                         patch: tuple[int, ...] = PATCH) -> list[dict[str, torch.Tensor]]:
+    """Four batches of the training benchmarks' segmentation setting, cycled through by their loops."""
+    return synthetic_batches(4, batch, IN_CHANNELS, CLASSES, patch, seed)

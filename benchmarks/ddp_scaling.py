@@ -1,8 +1,8 @@
 """Data-parallel training throughput of the segmentation network on 1..N GPUs of one host, without Ray.
 
 Run once per GPU count under torchrun; every rank trains the paper's segmentation network (B=2 per
-GPU, 1 x 128^3, 16 classes, bf16, channels_last_3d, NCCL DDP with static_graph and
-gradient_as_bucket_view as the Ray worker wraps it) on in-memory batches through
+GPU, 1 x 128^3, 16 classes, bf16, channels_last_3d, NCCL DDP with `nnmamba.engine.DDP_OPTIONS`,
+as the Ray worker wraps it) on in-memory batches through
 `nnmamba.engine.train_epoch`, once per mode: "eager" (kernels launched from Python) and "graph"
 (the whole DDP step, all-reduces included, replayed as a CUDA graph by `CapturedTrainStep`).
 Each mode starts from the same initial weights and batches, so the per-step losses of its first
@@ -25,26 +25,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from _common import machine
-from _synthetic import synthetic_batches
+from _common import (code_version, machine, max_relative_difference, seconds_since, stamp_cuda_start,
+                     stamp_first_collective)
+from _synthetic import BATCH, CLASSES, IN_CHANNELS, segmentation_batches
 
 
 def run_mode(graphed: bool, local_rank: int, variant: str, check_steps: int, steps: int) -> dict:
     """Train a freshly seeded model `check_steps` steps (losses recorded one by one), then time `steps` more."""
-    from nnmamba.engine import CapturedTrainStep, build_optimizer, capture_ready_stream, train_epoch
+    from nnmamba.engine import DDP_OPTIONS, CapturedTrainStep, build_optimizer, capture_ready_stream, train_epoch
     from nnmamba.losses import build_loss
     from nnmamba.models import build_model
 
     device = torch.device("cuda", local_rank)
     torch.manual_seed(0)
-    model = build_model("segmentation", variant, 1, 16).to(device, memory_format=torch.channels_last_3d)
+    model = build_model("segmentation", variant, IN_CHANNELS, CLASSES).to(device, memory_format=torch.channels_last_3d)
     with capture_ready_stream(device, enabled=graphed):
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank], static_graph=True,
-                                                          gradient_as_bucket_view=True)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank], **DDP_OPTIONS)
     optimizer = build_optimizer(model.module, "adam", lr=2e-3, weight_decay=1e-3, capturable=graphed)
     loss_fn = build_loss("segmentation")
     captured = CapturedTrainStep(model, loss_fn, optimizer, torch.bfloat16) if graphed else None
-    batches = itertools.cycle(synthetic_batches(4, 2, 1, 16, (128, 128, 128), seed=dist.get_rank()))
+    batches = itertools.cycle(segmentation_batches(seed=dist.get_rank()))
 
     def train(n: int) -> float:
         return train_epoch(model, batches, loss_fn, optimizer, n, device, torch.bfloat16, True, captured)
@@ -58,7 +58,7 @@ def run_mode(graphed: bool, local_rank: int, variant: str, check_steps: int, ste
     dist.barrier()
     elapsed = time.perf_counter() - started
     world = dist.get_world_size()
-    return {"losses": losses, "seconds": elapsed, "samples_per_s": world * 2 * steps / elapsed,
+    return {"losses": losses, "seconds": elapsed, "samples_per_s": world * BATCH * steps / elapsed,
             "step_ms": elapsed / steps * 1e3}
 
 
@@ -72,32 +72,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     phases = {"process_start": time.time()}
-    from nnmamba.ssm import cuda_kernels_available
+    import nnmamba.ssm  # noqa: F401  (the library's own import, stamped as a phase of its own)
 
     phases["imports"] = time.time()
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
-    torch.zeros(1, device=device)
-    phases["cuda_context"] = time.time()
-    assert cuda_kernels_available(), "the mamba-ssm kernels do not import"
-    phases["kernels_import"] = time.time()
+    kernels = stamp_cuda_start(phases, device)
+    assert kernels, "the mamba-ssm kernels do not import"
     dist.init_process_group("nccl", device_id=device)
-    dist.all_reduce(torch.ones(1, device=device))
-    phases["nccl_first_collective"] = time.time()
+    stamp_first_collective(phases, device)
     torch.backends.cudnn.benchmark = True
     modes = {mode: run_mode(mode == "graph", local_rank, args.variant, args.check_steps, args.steps)
              for mode in args.modes}
     world = dist.get_world_size()
     all_phases = [None] * world
-    dist.all_gather_object(all_phases, {k: round(v - phases["process_start"], 3) for k, v in phases.items()})
+    dist.all_gather_object(all_phases, seconds_since(phases, "process_start"))
     if dist.get_rank() == 0:
-        entry = {"gpus": world, "variant": args.variant, "batch_per_gpu": 2, "steps": args.steps,
+        entry = {"gpus": world, "variant": args.variant, "batch_per_gpu": BATCH, "steps": args.steps,
                  "modes": modes, "phases_s_since_process_start": all_phases, "machine": machine(),
+                 "code": code_version(),
                  "env": {k: os.environ.get(k) for k in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_NVLS_ENABLE")}}
         if {"eager", "graph"} <= modes.keys():
-            pairs = zip(modes["eager"]["losses"], modes["graph"]["losses"])
-            entry["max_rel_loss_diff_graph_vs_eager"] = max(abs(g - e) / abs(e) for e, g in pairs)
+            entry["max_rel_loss_diff_graph_vs_eager"] = max_relative_difference(modes["eager"]["losses"],
+                                                                                modes["graph"]["losses"])
         entries = json.loads(args.out.read_text()) if args.out.exists() else []
         entries.append(entry)
         args.out.write_text(json.dumps(entries, indent=2, default=str))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from _common import code_version, machine
+from _common import code_version, machine, max_relative_difference
 
 
 def learnable_batches(steps: int, seed: int, classes: int = 4, size: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -56,11 +56,8 @@ def compare(paths: list[Path], png: Path) -> None:
     before, after = runs[0]["curves"], runs[1]["curves"]
     seeds = sorted(before, key=int)
 
-    def gap(a: list[float], b: list[float]) -> float:
-        return max(abs(x - y) / abs(x) for x, y in zip(a, b))
-
-    code_gap = max(gap(before[s], after[s]) for s in seeds)
-    seed_gap = gap(before[seeds[0]], before[seeds[1]]) if len(seeds) > 1 else float("nan")
+    code_gap = max(max_relative_difference(before[s], after[s]) for s in seeds)
+    seed_gap = max_relative_difference(before[seeds[0]], before[seeds[1]]) if len(seeds) > 1 else float("nan")
     print(f"largest relative loss difference {runs[0]['code']} -> {runs[1]['code']}: {code_gap:.2e} "
           f"(seed {seeds[0]} vs {seeds[-1]}: {seed_gap:.2e})")
     fig, ax = plt.subplots(figsize=(7, 4))

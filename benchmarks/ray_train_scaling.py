@@ -37,8 +37,8 @@ import ray.train
 import ray.train.torch
 import torch
 
-from _common import machine
-from _synthetic import synthetic_batches
+from _common import ResultFile, seconds_since, stamp_cuda_start, stamp_first_collective
+from _synthetic import BATCH, CLASSES, IN_CHANNELS, PATCH, segmentation_batches
 from pipelines.cluster import WORKER_ENV
 
 TASK = "segmentation-in-memory"
@@ -63,7 +63,7 @@ def _register_in_memory_task(phases: dict[str, float]) -> None:
 
     def loader(dataset_dir, index, case_ids, train, seed, rank, world_size):
         phases["model_on_gpu_in_train_loop"] = time.time()
-        batches = synthetic_batches(4, train["batch_size"], 1, 16, tuple(train["patch_size"]), seed=seed + rank)
+        batches = segmentation_batches(seed + rank, train["batch_size"], tuple(train["patch_size"]))
         return StampedBatches(batches, phases.setdefault("batch_times", []))
 
     TASKS[TASK] = TrainingTask(
@@ -78,14 +78,8 @@ def timed_train_loop(trial: dict) -> None:
     phases = {"process_start": psutil.Process().create_time(), "train_function_entered": time.time()}
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
-    torch.zeros(1, device=device)
-    phases["cuda_context"] = time.time()
-    from nnmamba.ssm import cuda_kernels_available
-
-    phases["kernels_import"] = time.time() if cuda_kernels_available() else float("nan")
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(torch.ones(1, device=device))
-    phases["nccl_first_collective"] = time.time()
+    stamp_cuda_start(phases, device)
+    stamp_first_collective(phases, device)
     _register_in_memory_task(phases)
     from pipelines.train_worker import train_loop
 
@@ -99,7 +93,7 @@ def timed_train_loop(trial: dict) -> None:
 
 def trial_config(dataset_dir: Path, phase_dir: Path, epochs: int, steps: int, smoke: bool, cuda_graph: bool) -> dict:
     """The dict `train_loop` expects from the train stage: the paper's segmentation setting, or a tiny CPU one."""
-    train = {"epochs": epochs, "steps_per_epoch": steps, "batch_size": 2, "patch_size": [128, 128, 128],
+    train = {"epochs": epochs, "steps_per_epoch": steps, "batch_size": BATCH, "patch_size": list(PATCH),
              "optimizer": {"name": "adam", "lr": 0.002, "weight_decay": 0.001}, "amp": "bf16",
              "channels_last": True, "cuda_graph": cuda_graph, "val_every": 1000}
     kwargs = {}
@@ -108,7 +102,7 @@ def trial_config(dataset_dir: Path, phase_dir: Path, epochs: int, steps: int, sm
         kwargs = {"base_channels": 4, "blocks_per_stage": 2}
     return {"config": {"task": TASK, "train": train}, "dataset_dir": str(dataset_dir), "train_cases": [],
             "val_cases": [], "seed": 0, "phase_dir": str(phase_dir), "init_dir": None,
-            "arch": {"task": "segmentation", "variant": "miccss", "in_channels": 1, "out_channels": 16,
+            "arch": {"task": "segmentation", "variant": "miccss", "in_channels": IN_CHANNELS, "out_channels": CLASSES,
                      "kwargs": kwargs}}
 
 
@@ -129,8 +123,7 @@ def run(gpus: int, trial: dict, storage: Path, use_gpu: bool) -> dict:
     finished = time.time()
     phases = [json.loads(p.read_text()) for p in sorted(Path(trial["phase_dir"]).glob(f"world{gpus}_rank*.json"))]
     step_seconds = steady_step_seconds(phases[0]["batch_times"], train["steps_per_epoch"]) if phases else []
-    relative = [{k: round(v - p["train_function_entered"], 3) for k, v in p.items() if isinstance(v, float)}
-                for p in phases]
+    relative = [seconds_since(p, "train_function_entered") for p in phases]
     mean_step = sum(step_seconds) / len(step_seconds) if step_seconds else None
     return {"gpus": gpus, "cuda_graph": train["cuda_graph"], "fit_wall_s": finished - started, "steady_step_s_per_epoch": step_seconds,
             "samples_per_s": gpus * train["batch_size"] / mean_step if mean_step else None,
@@ -166,8 +159,7 @@ def main() -> None:
              include_dashboard=False,
              runtime_env={"env_vars": env})
     ray_ready = time.time() - started
-    payload = {"benchmark": "ray_train_scaling", "ray": ray.__version__, "machine": machine(),
-               "ray_init_s": ray_ready, "runs": []}
+    results = ResultFile(args.out, {"benchmark": "ray_train_scaling", "ray": ray.__version__, "ray_init_s": ray_ready})
     for mode in args.modes:
         graphed = mode == "graph" and not args.smoke  # CUDA graphs only exist on the GPU
         (work / mode).mkdir()
@@ -178,11 +170,11 @@ def main() -> None:
                 continue
             entry = run(gpus, trial, work / "results", use_gpu=not args.smoke)
             entry["mode"] = mode
-            payload["runs"].append(entry)
-            one = next((r["samples_per_s"] for r in payload["runs"] if r["gpus"] == 1 and r["mode"] == mode), None)
+            done = [*results.payload["results"], entry]
+            one = next((r["samples_per_s"] for r in done if r["gpus"] == 1 and r["mode"] == mode), None)
             if one and entry["samples_per_s"]:
                 entry["scaling_efficiency"] = entry["samples_per_s"] / (gpus * one)
-            args.out.write_text(json.dumps(payload, indent=2, default=str))
+            results.add(entry)
             print(f"Ray Train {mode} {gpus} GPU(s): {entry['samples_per_s']} samples/s, efficiency "
                   f"{entry.get('scaling_efficiency')}, fit {entry['fit_wall_s']:.0f} s, phases "
                   f"{entry['worker_phases_s_since_train_function_entered'][:1]}", flush=True)

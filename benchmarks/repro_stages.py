@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,20 +23,11 @@ from pathlib import Path
 
 from _common import REPO, code_version, machine
 
-PROJECT_FILES = ("nnmamba", "pipelines", "ray_configs", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
+sys.path.insert(0, str(REPO))
+
+from pipelines.project_copy import fresh_project  # noqa: E402
+
 STAGE_LINE = re.compile(r"Running stage '(?P<stage>[^']+)'")
-
-
-def fresh_project(root: Path) -> None:
-    for name in PROJECT_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                    ["git", "add", "-A"], ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "b"]):
-        subprocess.run(command, cwd=root, check=True, env=_env())
 
 
 def _env() -> dict[str, str]:

@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,13 +32,13 @@ from pathlib import Path
 
 import psutil
 import ray
-import yaml
 
 from _common import REPO, code_version, machine
 
 sys.path.insert(0, str(REPO))
 
 from pipelines.config import apply_preset, deep_merge  # noqa: E402
+from pipelines.project_copy import copy_project, write_params  # noqa: E402
 
 SETTINGS = {
     "watcher+no-reuse": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}, "reuse_actors": False},
@@ -55,14 +54,6 @@ TINY = {
               "samples_per_volume": 2, "queue_length": 4},
     "mlflow": {"register_models": False},
 }
-
-
-def copy_project(root: Path, overrides: dict) -> None:
-    """The code and params.yaml (with `overrides`) in `root`; data goes to the workspace instead."""
-    for name in ("nnmamba", "pipelines", "ray_configs"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
-    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def run_stage(code: Path, workspace: Path, *args: str) -> tuple[float, float]:
@@ -100,7 +91,8 @@ def main() -> None:
     trials = len(TINY["train"]["variants"]) * len(TINY["train"]["seeds"])
     with tempfile.TemporaryDirectory() as tmp:
         code, workspace = Path(tmp) / "code", Path(tmp) / "workspace"
-        copy_project(code, TINY)
+        copy_project(code)
+        write_params(code, TINY)
         for stage in ("synthesize", "prepare", "split"):
             run_stage(code, workspace, f"pipelines.{stage}", STUDY)
         load = [os.getloadavg()[0]]
@@ -109,7 +101,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, ray_overrides in SETTINGS.items():
                 run = f"{name}-{repeat}"
-                copy_project(code, deep_merge(TINY, {
+                write_params(code, deep_merge(TINY, {
                     "ray": {**ray_overrides, "storage_path": str(Path(tmp) / run / "ray_results")},
                     "mlflow": {"tracking_uri": f"sqlite:///{Path(tmp) / run / 'mlflow.db'}"},
                 }))

@@ -92,6 +92,13 @@ def optimisation_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.opt
     return loss.detach()
 
 
+# How training wraps its model in DistributedDataParallel (the Ray worker and the DDP benchmark
+# alike). The step's graph never changes (static_graph: DDP records once which parameters get
+# gradients, and the shared MIC branches used twice per step need no extra bookkeeping), and
+# gradients live in the all-reduce buckets (gradient_as_bucket_view: no copy into and out of
+# them, and no second set of gradient-sized buffers).
+DDP_OPTIONS = {"static_graph": True, "gradient_as_bucket_view": True}
+
 # Eager steps before capture: PyTorch's CUDA-graph notes ask for 11 under DDP (its buckets are built by then).
 CAPTURE_WARMUP_STEPS = 11
 

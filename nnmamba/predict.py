@@ -20,8 +20,8 @@ model also takes any image file as one case (AMOS's ``amos_0507.nii.gz``). Outpu
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,12 +31,17 @@ from tqdm import tqdm
 
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
+from nnmamba.data.nnunet import (
+    CHANNEL_FILE,
+    channel_file,
+    channel_images,
+    group_by_case,
+)
 from nnmamba.data.plan import Preprocessing
 from nnmamba.data.preprocess import load_case, preprocess_subject, to_raw_geometry
 from nnmamba.inference import predict_labels, sliding_window_predict
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 MIRROR_AXES = (0, 1, 2)
 
 
@@ -54,15 +59,16 @@ def find_input_cases(path: Path, channels: Sequence[str]) -> list[CaseFiles]:
     """
     path = Path(path)
     n_channels = len(channels)
+    channel_of = partial(_parse, n_channels=n_channels)
     if path.is_file():
         if file_ending(path) is None:
             raise DataError(f"input {path} is not an image file ({', '.join(IMAGE_ENDINGS)})")
-        case_id, _ = _parse(path, n_channels)
+        case_id, _ = channel_of(path)
         candidates = [path] if n_channels == 1 else [
             p for p in _image_files(path.parent) if p.name.startswith(f"{case_id}_")]
-        cases = {key: found for key, found in _group(candidates, n_channels).items() if key == case_id}
+        cases = {key: found for key, found in group_by_case(candidates, channel_of).items() if key == case_id}
     elif path.is_dir():
-        cases = _group(_image_files(path), n_channels)
+        cases = group_by_case(_image_files(path), channel_of)
     else:
         raise DataError(f"input {path} does not exist")
     if not cases:
@@ -80,38 +86,20 @@ def _parse(path: Path, n_channels: int) -> tuple[str, int]:
     ``<case>_XXXX`` names channel XXXX of a case; a single-channel model also takes any
     other name as a whole case (AMOS's ``amos_0507`` is a case, not channel 507).
     """
-    stem = path.name[: -len(file_ending(path) or "")]
-    match = CHANNEL_SUFFIX.match(stem)
+    ending = file_ending(path) or ""
     if n_channels == 1:
+        stem = path.name[: -len(ending)]
+        match = CHANNEL_FILE.match(stem)
         return (match["case"], 0) if match and int(match["channel"]) == 0 else (stem, 0)
-    if match is None:
-        raise DataError(f"{path}: a {n_channels}-channel model reads files named <case>_0000{file_ending(path)}, "
-                        "<case>_0001..., one per channel")
-    channel = int(match["channel"])
-    if channel >= n_channels:
-        raise DataError(f"case {match['case']}: {path} is channel {channel:04d} but the model takes "
-                        f"{n_channels} channel(s)")
-    return match["case"], channel
-
-
-def _group(files: list[Path], n_channels: int) -> dict[str, dict[int, Path]]:
-    """case id -> {channel index: file}."""
-    cases: dict[str, dict[int, Path]] = {}
-    for path in files:
-        case_id, channel = _parse(path, n_channels)
-        cases.setdefault(case_id, {})[channel] = path
-    return cases
+    return channel_file(path, ending, n_channels,
+                        f"a {n_channels}-channel model reads files named <case>_0000{ending}, <case>_0001..., "
+                        "one per channel",
+                        f"the model takes {n_channels} channel(s)")
 
 
 def _complete_case(case_id: str, found: dict[int, Path], channels: Sequence[str], source: Path) -> CaseFiles:
-    images = {}
-    ending = file_ending(next(iter(found.values())))
-    for index, name in enumerate(channels):
-        if index not in found:
-            folder = source if source.is_dir() else source.parent
-            raise DataError(f"case {case_id}: channel {index:04d} ({name}) missing, "
-                            f"expected file {folder / f'{case_id}_{index:04d}{ending}'}")
-        images[name] = found[index]
+    folder = source if source.is_dir() else source.parent
+    images = channel_images(case_id, found, channels, folder, file_ending(next(iter(found.values()))))
     return CaseFiles(case_id, images, None)
 
 

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from nnmamba.checkpoint import load_bundle, model_from_arch
-from nnmamba.engine import (CapturedTrainStep, amp_dtype, build_optimizer, capture_ready_stream, repeat_batches,
-                            train_epoch)
+from nnmamba.engine import (DDP_OPTIONS, CapturedTrainStep, amp_dtype, build_optimizer, capture_ready_stream,
+                            repeat_batches, train_epoch)
 from nnmamba.tasks import TrainingTask, get_task
 
 STATE_FILE = "state.pt"
@@ -116,14 +116,8 @@ def train_loop(trial: dict) -> None:
     graphed = train.get("cuda_graph", False) and device.type == "cuda"
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the CUDA streams made below belong to this worker's GPU
-    # The step's graph never changes (static_graph: DDP records once which parameters get
-    # gradients, and the shared MIC branches used twice per step need no extra bookkeeping), and
-    # gradients live in the all-reduce buckets (gradient_as_bucket_view: no copy into and out of
-    # them, and no second set of gradient-sized buffers).
     with capture_ready_stream(device, enabled=graphed):
-        model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"static_graph": True, "gradient_as_bucket_view": True}
-        )
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     optimizer = build_optimizer(bare, **train["optimizer"], capturable=graphed)
     state = _restore(bare, optimizer, device)

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
-import yaml
+
+from pipelines.project_copy import fresh_project
+
+if TYPE_CHECKING:  # the GPU machines run the kernel tests without SimpleITK installed
+    import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ("nnmamba", "pipelines", "ray_configs", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
 
 
 def free_port() -> int:
@@ -65,35 +67,6 @@ def _wait_for_head(head: subprocess.Popen, log: Path, timeout_s: float = 300) ->
         time.sleep(0.5)
 
 
-def write_project(root: Path, overrides: dict, studies: list[str] | None = None) -> Path:
-    """Copy the project's code and pipeline into `root` as a fresh git+DVC repo, params overridden.
-
-    `studies` keeps only those studies (and the synthetic datasets they read), so an end-to-end test
-    runs its own task's pipeline, not every study in params.yaml.
-    """
-    from pipelines.config import deep_merge
-
-    for name in PROJECT_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
-    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
-    if studies is not None:
-        params["studies"] = {name: params["studies"][name] for name in studies}
-        used = {study["dataset"].get("synthetic") for study in params["studies"].values()}
-        params["synthetic"] = {name: spec for name, spec in params["synthetic"].items() if name in used}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"],
-                    [BIN / "dvc", "config", "core.analytics", "false"]):
-        subprocess.run(command, cwd=root, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"],
-                   cwd=root, check=True)
-    return root
-
-
 def ablation_runs(client, experiment: str, variants: list[str], seeds: list[int]) -> tuple:
     """The one parent run of `experiment` and its child runs, which must be exactly the variant x seed grid."""
     found = client.get_experiment_by_name(experiment)
@@ -109,6 +82,8 @@ def ablation_runs(client, experiment: str, variants: list[str], seeds: list[int]
 def same_geometry(written: Path, reference: Path) -> sitk.Image:
     """The written image as a SimpleITK image, after checking it has the reference's size, spacing,
     origin and direction."""
+    import SimpleITK as sitk
+
     ours, theirs = sitk.ReadImage(str(written)), sitk.ReadImage(str(reference))
     assert ours.GetSize() == theirs.GetSize()
     for getter in ("GetSpacing", "GetOrigin", "GetDirection"):
@@ -145,7 +120,7 @@ CLUSTER_STUDY = {
 def cluster_project(tmp_path_factory) -> dict:
     """The code (a git repo, as `ray job submit --working-dir` uploads it) and a separate workspace,
     standing in for shared storage, where the real stages prepared the tiny study's data."""
-    code = write_project(tmp_path_factory.mktemp("code"), CLUSTER_STUDY)
+    code = fresh_project(tmp_path_factory.mktemp("code"), CLUSTER_STUDY)
     workspace = tmp_path_factory.mktemp("workspace")
     for stage in ("synthesize", "prepare", "split"):
         run_in(code, "python", "-m", f"pipelines.{stage}", "brats2023", env={"NNMAMBA_WORKSPACE": str(workspace)})

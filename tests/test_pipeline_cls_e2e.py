@@ -18,7 +18,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from nnmamba.checkpoint import load_bundle
-from tests.conftest import ablation_runs, run_in, write_project
+from pipelines.project_copy import fresh_project
+from tests.conftest import ablation_runs, run_in
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ STUDIES = ("adni_ad", "adni_mci")
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory, ray_cluster):
-    root = write_project(tmp_path_factory.mktemp("project"), TINY, studies=STUDIES)
+    root = fresh_project(tmp_path_factory.mktemp("project"), TINY, studies=STUDIES)
     run_in(root, "dvc", "repro", env=ray_cluster["env"])
     return root, ray_cluster["env"]
 

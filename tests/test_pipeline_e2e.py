@@ -11,7 +11,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ablation_runs, run_in, write_project
+from pipelines.project_copy import fresh_project
+from tests.conftest import ablation_runs, run_in
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory, ray_cluster):
-    root = write_project(tmp_path_factory.mktemp("project"), TINY, studies=["brats2023"])
+    root = fresh_project(tmp_path_factory.mktemp("project"), TINY, studies=["brats2023"])
     env = ray_cluster["env"]
     run_in(root, "dvc", "repro", env=env)
     return root, env

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from nnmamba.data.abdomen_phantom import AMOS_LABELS
 from nnmamba.metrics import per_class_regions
-from tests.conftest import ablation_runs, run_in, same_geometry, write_project
+from pipelines.project_copy import fresh_project
+from tests.conftest import ablation_runs, run_in, same_geometry
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory, ray_cluster):
-    root = write_project(tmp_path_factory.mktemp("organs"), TINY, studies=["amos_ct", "amos_mr", "abdomen_mha"])
+    root = fresh_project(tmp_path_factory.mktemp("organs"), TINY, studies=["amos_ct", "amos_mr", "abdomen_mha"])
     env = ray_cluster["env"]
     run_in(root, "dvc", "repro", env=env)
     return root, env

@@ -5,12 +5,14 @@ channel, in ``channel_names`` order), ``labelsTr/<case><ending>``, and optionall
 ``imagesTs/`` (+ ``labelsTs/``). ``<ending>`` is the dataset's ``file_ending``: any
 format ITK reads (.nii.gz, .nii, .nrrd, .mha, ...). Like the BraTS reader, only the
 layout is checked here (which files exist); contents are validated on loading.
+`nnmamba.predict` reads its inputs' channel files with the same parser and grouping.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 from nnmamba.data.cases import CaseFiles, RawDataset
@@ -36,8 +38,9 @@ def read_nnunet_dataset(root: Path, subsets: Sequence[str] = ("imagesTr",)) -> R
     cases = []
     for folder in subsets:
         files = image_files(root, folder, description.file_ending)
+        grouped = group_by_case(files, partial(_channel_of, description=description))
         cases += [_case(root, folder, case_id, channel_files, description)
-                  for case_id, channel_files in _group_channels(files, description).items()]
+                  for case_id, channel_files in grouped.items()]
     if not cases:
         raise DataError(f"nnU-Net dataset {root}: no cases in {list(subsets)}")
     return RawDataset(cases, description.labels, description.channels)
@@ -67,29 +70,54 @@ def label_file(root: Path, folder: str, case_id: str, file_ending: str) -> Path 
     raise DataError(f"case {case_id}: label missing, expected file {path}")
 
 
-def _group_channels(files: list[Path], description: DatasetDescription) -> dict[str, dict[int, Path]]:
-    """case id -> {channel index: file}, from ``<case>_XXXX<ending>`` names."""
+def channel_file(path: Path, file_ending: str, n_channels: int, naming_rule: str, declared: str) -> tuple[str, int]:
+    """(case id, channel index) of an image file named ``<case>_XXXX<file_ending>``.
+
+    The one parser of nnU-Net channel names, for datasets and for inputs to predict on alike.
+    ``naming_rule`` and ``declared`` (who declares the channels, and how many) word the
+    DataErrors for a file of another name and for a channel index beyond ``n_channels``.
+    """
+    match = CHANNEL_FILE.match(path.name[: -len(file_ending)])
+    if match is None:
+        raise DataError(f"{path}: {naming_rule}")
+    channel = int(match["channel"])
+    if channel >= n_channels:
+        raise DataError(f"case {match['case']}: {path} is channel {channel:04d} but {declared}")
+    return match["case"], channel
+
+
+def group_by_case(files: Iterable[Path], channel_of: Callable[[Path], tuple[str, int]]) -> dict[str, dict[int, Path]]:
+    """case id -> {channel index: file}; ``channel_of`` names each file's case and channel."""
     cases: dict[str, dict[int, Path]] = {}
     for path in files:
-        match = CHANNEL_FILE.match(path.name[: -len(description.file_ending)])
-        if match is None:
-            raise DataError(f"{path}: image files must be named <case>_XXXX{description.file_ending} "
-                            "(XXXX = 4-digit channel index)")
-        channel = int(match["channel"])
-        if channel >= len(description.channels):
-            raise DataError(f"case {match['case']}: {path} is channel {channel:04d} but dataset.json "
-                            f"declares {len(description.channels)} channel(s) {list(description.channels)}")
-        cases.setdefault(match["case"], {})[channel] = path
+        case_id, channel = channel_of(path)
+        cases.setdefault(case_id, {})[channel] = path
     return cases
+
+
+def channel_images(case_id: str, channel_files: dict[int, Path], channels: Sequence[str], folder: Path,
+                   file_ending: str) -> dict[str, Path]:
+    """channel name -> file, in ``channels`` order; a missing channel is a DataError naming the file expected."""
+    images = {}
+    for index, name in enumerate(channels):
+        if index not in channel_files:
+            expected = Path(folder) / f"{case_id}_{index:04d}{file_ending}"
+            raise DataError(f"case {case_id}: channel {index:04d} ({name}) missing, expected file {expected}")
+        images[name] = channel_files[index]
+    return images
+
+
+def _channel_of(path: Path, description: DatasetDescription) -> tuple[str, int]:
+    n_channels = len(description.channels)
+    return channel_file(path, description.file_ending, n_channels,
+                        f"image files must be named <case>_XXXX{description.file_ending} "
+                        "(XXXX = 4-digit channel index)",
+                        f"dataset.json declares {n_channels} channel(s) {list(description.channels)}")
 
 
 def _case(root: Path, folder: str, case_id: str, channel_files: dict[int, Path],
           description: DatasetDescription) -> CaseFiles:
-    images = {}
-    for index, name in enumerate(description.channels):
-        if index not in channel_files:
-            expected = Path(root) / folder / f"{case_id}_{index:04d}{description.file_ending}"
-            raise DataError(f"case {case_id}: channel {index:04d} ({name}) missing, expected file {expected}")
-        images[name] = channel_files[index]
+    images = channel_images(case_id, channel_files, description.channels, Path(root) / folder,
+                            description.file_ending)
     label = label_file(root, folder, case_id, description.file_ending)
     return CaseFiles(case_id=case_id, images=images, label=label, subset=SUBSET_OF_FOLDER[folder])
