@@ -17,35 +17,13 @@ from nnmamba.ssm import Mamba, Projections
 SSMFactory = Callable[[int], nn.Module]
 
 
-class BatchNorm3d(nn.BatchNorm3d):
-    """nn.BatchNorm3d that keeps channels_last_3d inputs on PyTorch's channels-last batch-norm kernels.
-
-    PyTorch's CUDA batch-norm forward recognises 4-D channels-last tensors but not 5-D
-    channels_last_3d ones: those fall to its generic path (a Welford reduction plus a
-    broadcasting elementwise kernel), ~4 ms of the nnMamba training step on an H200. The same
-    memory viewed as [N, C, D, H*W] is a 4-D channels-last tensor with the same per-channel
-    statistics, so that view is normalised instead. Parameters, buffers and state_dict are
-    nn.BatchNorm3d's.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() not in (4, 5):
-            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() == 5 and not input.is_contiguous() and input.is_contiguous(
-                memory_format=torch.channels_last_3d):
-            return super().forward(input.flatten(3)).unflatten(3, input.shape[3:])
-        return super().forward(input)
-
-
 class ConvNormAct(nn.Sequential):
     """Conv3d -> BatchNorm3d -> ReLU, the unit every conv path of the paper is made of."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
         super().__init__(
             nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False),
-            BatchNorm3d(out_channels),
+            nn.BatchNorm3d(out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -118,13 +96,13 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvNormAct(in_channels, out_channels, stride=stride)
         self.conv2 = nn.Sequential(
-            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False), BatchNorm3d(out_channels)
+            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm3d(out_channels)
         )
         self.global_branch = global_branch
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), BatchNorm3d(out_channels)
+                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm3d(out_channels)
             )
         self.act = nn.ReLU(inplace=True)
 
