@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torchio as tio
 
 from nnmamba.data.brats import BRATS_LABELS, find_brats_cases
 from nnmamba.data.preprocess import load_preprocessed, prepare_dataset
-from nnmamba.data.sampling import DrawnPatches, augmentation_transform, hand_out, make_patch_loader
+from nnmamba.data.sampling import SubjectGroups, augmentation_transform, make_patch_loader
 from nnmamba.data.synthetic import write_synthetic_brats
 
 SHAPE = (32, 32, 24)
@@ -40,7 +40,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _loader(dataset: dict, **overrides):
     arguments = dict(
-        image_paths=dataset["images"], label_paths=dataset["labels"], patch_size=(16, 16, 16), batch_size=3,
+        image_paths=dataset["images"], label_paths=dataset["labels"], patch_size=(16, 16, 16), batch_size=2,
         samples_per_volume=3, queue_length=6, label_probabilities=None, augmentation={}, num_workers=0, seed=0,
     )
     arguments.update(overrides)
@@ -53,7 +53,8 @@ def _epoch(loader) -> list[dict]:
 
 def test_batches_are_plain_tensors_and_crops_of_the_volume(dataset: dict) -> None:
     batches = _epoch(_loader(dataset, label_probabilities={0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}))
-    assert sum(len(b["case_id"]) for b in batches) == N_CASES * 3
+    assert Counter(c for b in batches for c in b["case_id"]) == {case_id: 3 for case_id in dataset["shapes"]}
+    assert all(len(set(b["case_id"])) == len(b["case_id"]) for b in batches)  # a batch's patches: different cases
     volumes = {case_id: load_preprocessed(dataset["dir"], case_id) for case_id in dataset["shapes"]}
     for batch in batches:
         assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (4, 16, 16, 16)
@@ -160,9 +161,21 @@ def test_bad_arguments(dataset: dict) -> None:
         _loader(dataset, rank=2, world_size=2)
 
 
-def test_a_subject_split_over_two_queue_fills_hands_out_each_drawn_patch_once() -> None:
-    patches = [tio.Subject(image=tio.ScalarImage(tensor=torch.full((1, 2, 2, 2), float(i)))) for i in range(5)]
-    drawn = DrawnPatches(list(patches), num_samples=5)
-    first = list(itertools.islice(hand_out(drawn), 3))
-    rest = list(hand_out(drawn))
-    assert [p["image"].data[0, 0, 0, 0].item() for p in first + rest] == [0, 1, 2, 3, 4]
+
+def test_every_batch_is_full_and_mixes_cases_when_cases_do_not_divide_into_batches(dataset: dict) -> None:
+    loader = _loader(dataset, batch_size=3, samples_per_volume=2)
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 2 * 2  # ceil(4 cases / 3) groups, 2 patches per case
+    assert all(len(b["case_id"]) == 3 and b["image"].shape[0] == 3 for b in batches)
+    assert set().union(*(b["case_id"] for b in batches)) == set(dataset["shapes"])
+
+
+def test_each_pass_deals_every_case_once_into_groups_topped_up_at_random() -> None:
+    torch.manual_seed(0)
+    for _ in range(5):
+        groups = list(SubjectGroups(subjects=5, size=2, groups=3))
+        assert len(groups) == 3 and all(len(g) == 2 for g in groups)
+        flat = [i for g in groups for i in g]
+        assert sorted(flat[:5]) == [0, 1, 2, 3, 4] and 0 <= flat[5] < 5
+    with pytest.raises(ValueError, match="cannot hold"):
+        SubjectGroups(subjects=5, size=2, groups=2)

@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader
 
-from nnmamba.data.sampling import (ContainingLabelSampler, PrivateRngLoader, augmentation_transform, patch_queue,
-                                   rank_share)
+from nnmamba.data.sampling import (ContainingLabelSampler, PatchBatchLoader, case_id_of, augmentation_transform,
+                                   patch_batch_loader, rank_shard)
 from nnmamba.heatmaps import gaussian_heatmaps
 
 HEATMAPS = "heatmaps"
@@ -76,7 +75,7 @@ def make_heatmap_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-) -> DataLoader:
+) -> PatchBatchLoader:
     """Loader of patch batches for one DDP rank; ``landmarks_mm[i]`` are image i's K points.
 
     Batches are dicts: ``image`` float32 [B, C, *patch_size], ``label`` float32 [B, K, *patch_size]
@@ -87,16 +86,15 @@ def make_heatmap_loader(
     if len(image_paths) != len(landmarks_mm):
         raise ValueError(f"{len(image_paths)} images but {len(landmarks_mm)} landmark sets")
     subjects = [
-        tio.Subject(image=tio.ScalarImage(image), case_id=Path(Path(image).name.removesuffix(".gz")).stem,
-                    **{POINTS: np.asarray(points, dtype=np.float64)}, num_samples=num_samples)
-        for (image, points), num_samples in rank_share(list(zip(image_paths, landmarks_mm)), samples_per_volume,
-                                                       rank, world_size)
+        tio.Subject(image=tio.ScalarImage(image), case_id=case_id_of(Path(image)),
+                    **{POINTS: np.asarray(points, dtype=np.float64)})
+        for image, points in rank_shard(list(zip(image_paths, landmarks_mm, strict=True)), rank, world_size)
     ]
     transform = tio.Compose([AddGaussianHeatmaps(sigma_mm), tio.CropOrPad(patch_size, only_pad=True),
                              augmentation_transform(augmentation), AddLandmarkPeaks()])
     sampler = ContainingLabelSampler(patch_size, label_name=PEAKS, label_probabilities=label_probabilities)
-    queue = patch_queue(subjects, transform, sampler, samples_per_volume, queue_length, num_workers)
-    return PrivateRngLoader(queue, seed=seed, rank=rank, batch_size=batch_size, collate_fn=collate_heatmap_patches)
+    return patch_batch_loader(subjects, len(image_paths), transform, sampler, collate_heatmap_patches, batch_size,
+                              samples_per_volume, queue_length, num_workers, seed, rank, world_size)
 
 
 def collate_heatmap_patches(patches: list[tio.Subject]) -> dict[str, Any]:

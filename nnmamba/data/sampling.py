@@ -1,23 +1,25 @@
-"""Training patches: torchio SubjectsDataset + Queue + LabelSampler, sharded over DDP ranks.
+"""Training patches: torchio subjects, transforms and LabelSampler, batched in the loader workers, sharded over DDP ranks.
 
 Layout-agnostic: any number of channels, any label set. Volumes are padded to
 at least the patch size, augmented whole, then patches are drawn with foreground
-oversampling (``label_probabilities``) by :class:`ContainingLabelSampler`; all of
-it in the queue's worker processes (see :func:`patch_queue`).
+oversampling (``label_probabilities``) by :class:`ContainingLabelSampler` and
+collated into batches; all of it in the loader's worker processes
+(:class:`PatchBatchLoader`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 T = TypeVar("T")
 
@@ -125,7 +127,7 @@ def make_patch_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-) -> DataLoader:
+) -> PatchBatchLoader:
     """Loader of patch batches for one DDP rank.
 
     Batches are dicts: ``image`` float32 [B, C, *patch_size], ``label`` int64
@@ -133,122 +135,23 @@ def make_patch_loader(
     the padded volume) and ``case_id`` (list of str). Spatial axes keep the
     on-disk voxel order. ``label_probabilities`` weighs the label of the voxel a
     patch is drawn around (``None``: always a nonzero label); the patch always
-    contains that voxel and is centred on it unless it is near the border. Every rank yields the same number
-    of batches per epoch so DDP collectives stay in step.
+    contains that voxel and is centred on it unless it is near the border.
+
+    An epoch is one pass over the rank's cases in groups of ``batch_size``: every case gives
+    ``samples_per_volume`` patches, and each batch holds one patch of each case of a group
+    (see :class:`PatchBatchLoader`). Every batch is full and every rank yields the same number
+    of batches per epoch, so CUDA graphs keep their shapes and DDP collectives stay in step.
     """
     if len(image_paths) != len(label_paths):
         raise ValueError(f"{len(image_paths)} images but {len(label_paths)} labels")
-    subjects = _rank_subjects(list(zip(image_paths, label_paths)), samples_per_volume, rank, world_size)
+    subjects = [
+        tio.Subject(image=tio.ScalarImage(image), label=tio.LabelMap(label), case_id=case_id_of(Path(image)))
+        for image, label in rank_shard(list(zip(image_paths, label_paths, strict=True)), rank, world_size)
+    ]
     transform = tio.Compose([tio.CropOrPad(patch_size, only_pad=True), augmentation_transform(augmentation)])
     sampler = ContainingLabelSampler(patch_size, label_name="label", label_probabilities=label_probabilities)
-    queue = patch_queue(subjects, transform, sampler, samples_per_volume, queue_length, num_workers)
-    return PrivateRngLoader(queue, seed=seed, rank=rank, batch_size=batch_size, collate_fn=collate_patches)
-
-
-@dataclass
-class DrawnPatches:
-    """One subject's patches for this pass over the data, drawn in a loader worker.
-
-    ``num_samples`` is the attribute torchio's Queue reads to know how many patches to take.
-    """
-
-    patches: list[tio.Subject]
-    num_samples: int
-
-
-class PatchDrawingDataset(tio.SubjectsDataset):
-    """SubjectsDataset whose items are a subject's drawn patches instead of the whole subject.
-
-    torchio's Queue draws patches in the main process, one volume after the other: with
-    BraTS-size volumes the label-weighted sampler (probability map and CDF over ~9 M voxels,
-    then one crop per patch) took ~0.3 s per volume there and capped the loader below the
-    GPU's step rate however many workers loaded volumes. Drawn here, in the worker that
-    loaded and augmented the subject, it scales with the workers, and only the patches (not
-    the volume) cross to the main process.
-    """
-
-    def __init__(self, subjects: list[tio.Subject], transform: tio.Transform, sampler: tio.PatchSampler):
-        super().__init__(subjects, transform=transform)
-        self.sampler = sampler
-
-    def __getitem__(self, index: int) -> DrawnPatches:  # type: ignore[override]
-        subject = super().__getitem__(index)
-        count = subject["num_samples"]
-        return DrawnPatches(list(self.sampler(subject, count)), count)
-
-
-def hand_out(drawn: DrawnPatches, num_patches: int | None = None) -> Iterator[tio.Subject]:
-    """The queue's sampler: yields the pre-drawn patches, each once.
-
-    The queue asks again for a subject whose patches did not all fit; popping makes that
-    second call continue with the patches not yet taken.
-    """
-    while drawn.patches:
-        yield drawn.patches.pop(0)
-
-
-def patch_queue(subjects: list[tio.Subject], transform: tio.Transform, sampler: tio.PatchSampler,
-                samples_per_volume: int, queue_length: int, num_workers: int) -> tio.Queue:
-    """torchio's Queue (patches of several volumes mixed, subjects and patches shuffled) fed by
-    :class:`PatchDrawingDataset`: load, transform and patch sampling all run in the workers.
-
-    Each subject carries ``num_samples`` (its patches per pass, see ``rank_share``).
-    """
-    return tio.Queue(
-        PatchDrawingDataset(subjects, transform, sampler),
-        max_length=queue_length,
-        samples_per_volume=samples_per_volume,
-        sampler=hand_out,
-        num_workers=num_workers,
-        start_background=False,
-    )
-
-
-def rank_share(items: list[T], samples_per_volume: int, rank: int, world_size: int) -> list[tuple[T, int]]:
-    """This rank's disjoint share of items (round robin), each with its number of patches per epoch.
-
-    Ranks holding one item fewer draw proportionally more patches per item,
-    so every rank has ceil(n / world_size) * samples_per_volume patches per epoch:
-    unequal epoch lengths would leave a DDP rank waiting in an all-reduce forever.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    if len(items) < world_size:
-        raise ValueError(f"{len(items)} subjects cannot be shared by {world_size} ranks")
-    shard = items[rank::world_size]
-    patches_per_rank = math.ceil(len(items) / world_size) * samples_per_volume
-    base, extra = divmod(patches_per_rank, len(shard))
-    return [(item, base + int(index < extra)) for index, item in enumerate(shard)]
-
-
-def _rank_subjects(
-    pairs: list[tuple[Path, Path]], samples_per_volume: int, rank: int, world_size: int
-) -> list[tio.Subject]:
-    """This rank's subjects (see ``rank_share``), with per-subject patch counts."""
-    return [
-        tio.Subject(
-            image=tio.ScalarImage(image),
-            label=tio.LabelMap(label),
-            case_id=_case_id(Path(image)),
-            num_samples=num_samples,
-        )
-        for (image, label), num_samples in rank_share(pairs, samples_per_volume, rank, world_size)
-    ]
-
-
-def _case_id(path: Path) -> str:
-    """``BraTS-GLI-00000-000.nii.gz`` -> ``BraTS-GLI-00000-000`` (also .nrrd, .mha, ...)."""
-    return Path(path.name.removesuffix(".gz")).stem
-
-
-def collate_patches(patches: list[tio.Subject]) -> dict[str, Any]:
-    """Plain tensors instead of torchio's nested per-image dicts."""
-    return {
-        "image": torch.stack([patch["image"].data for patch in patches]).to(torch.float32),
-        "label": torch.stack([patch["label"].data for patch in patches]).to(torch.int64),
-        "location": torch.stack([torch.as_tensor(patch[tio.LOCATION]) for patch in patches]).to(torch.int64),
-        "case_id": [patch["case_id"] for patch in patches],
-    }
+    return patch_batch_loader(subjects, len(image_paths), transform, sampler, collate_patches, batch_size,
+                              samples_per_volume, queue_length, num_workers, seed, rank, world_size)
 
 
 class PrivateRngLoader(DataLoader):
@@ -284,3 +187,128 @@ class PrivateRngLoader(DataLoader):
         finally:
             self._rng_state = torch.get_rng_state()
             torch.set_rng_state(caller_state)
+
+
+class PatchDrawingDataset(tio.SubjectsDataset):
+    """SubjectsDataset whose items are a subject's drawn patches instead of the whole subject.
+
+    Loading, padding, augmentation and the label-weighted draw of ``samples_per_volume``
+    patches all run in the loader worker that fetches the item. torchio's Queue draws patches
+    and collates batches in the main process, one volume after the other; with BraTS-size
+    volumes that capped the loader at ~10 batches/s on a 16-core node however many workers
+    loaded volumes.
+    """
+
+    def __init__(self, subjects: list[tio.Subject], transform: tio.Transform, sampler: tio.PatchSampler,
+                 samples_per_volume: int):
+        super().__init__(subjects, transform=transform)
+        self.sampler = sampler
+        self.samples_per_volume = samples_per_volume
+
+    def __getitem__(self, index: int) -> list[tio.Subject]:  # type: ignore[override]
+        return list(self.sampler(super().__getitem__(index), self.samples_per_volume))
+
+
+class SubjectGroups(Sampler[list[int]]):
+    """Each pass: the subjects shuffled and dealt into ``groups`` groups of ``size``, one group per batch set.
+
+    Groups are always full (the last one is topped up with subjects drawn at random): every
+    batch then has the same shape, which a CUDA-graph training step needs, and every DDP rank
+    the same number of groups (``groups_per_pass``). Draws from the global torch RNG, which
+    ``PrivateRngLoader`` makes private.
+    """
+
+    def __init__(self, subjects: int, size: int, groups: int):
+        if groups * size < subjects:
+            raise ValueError(f"{groups} groups of {size} cannot hold {subjects} subjects")
+        self.subjects, self.size, self.groups = subjects, size, groups
+
+    def __len__(self) -> int:
+        return self.groups
+
+    def __iter__(self) -> Iterator[list[int]]:
+        top_up = torch.randint(self.subjects, (self.groups * self.size - self.subjects,))
+        order = torch.cat([torch.randperm(self.subjects), top_up])
+        yield from order.view(self.groups, self.size).tolist()
+
+
+def groups_per_pass(subjects: int, batch_size: int, world_size: int) -> int:
+    """Subject groups per pass on every rank: enough for the largest rank share.
+
+    Equal on all ranks because unequal epoch lengths would leave a DDP rank waiting in an
+    all-reduce forever.
+    """
+    return math.ceil(math.ceil(subjects / world_size) / batch_size)
+
+
+def batches_of_group(drawn: list[list[tio.Subject]], collate: Callable[[list[tio.Subject]], T]) -> list[T]:
+    """A group's patches as batches: batch j holds the j-th patch of every subject in the group."""
+    return [collate(list(patches)) for patches in zip(*drawn, strict=True)]
+
+
+class PatchBatchLoader(PrivateRngLoader):
+    """Batches of patches, drawn and collated in the worker processes, shuffled over a few groups.
+
+    A worker fetches one group (``batch_size`` subjects), draws ``samples_per_volume`` patches
+    from each and collates them into ``samples_per_volume`` batches, each with one patch of
+    every subject of the group; so the main process only receives finished batches (through
+    shared memory). Batches of ``mixed_groups`` consecutive groups are shuffled together, as
+    torchio's Queue mixes patches of several volumes. Workers persist across epochs.
+    """
+
+    def __init__(self, dataset: PatchDrawingDataset, groups: SubjectGroups,
+                 collate: Callable[[list[tio.Subject]], dict[str, Any]], mixed_groups: int, num_workers: int,
+                 seed: int, rank: int):
+        super().__init__(dataset, seed=seed, rank=rank, batch_sampler=groups, num_workers=num_workers,
+                         collate_fn=partial(batches_of_group, collate=collate), persistent_workers=num_workers > 0,
+                         prefetch_factor=1 if num_workers > 0 else None)
+        self.mixed_groups = mixed_groups
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) * self.dataset.samples_per_volume
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        groups = super().__iter__()
+        while window := list(islice(groups, self.mixed_groups)):
+            batches = [batch for group in window for batch in group]
+            order = self._with_private_rng(lambda: torch.randperm(len(batches)).tolist())
+            yield from (batches[index] for index in order)
+
+
+def patch_batch_loader(subjects: list[tio.Subject], all_subjects: int, transform: tio.Transform,
+                       sampler: tio.PatchSampler, collate: Callable[[list[tio.Subject]], dict[str, Any]],
+                       batch_size: int, samples_per_volume: int, queue_length: int, num_workers: int, seed: int,
+                       rank: int, world_size: int) -> PatchBatchLoader:
+    """The loader of one rank's ``subjects`` (its ``rank_shard`` of ``all_subjects``).
+
+    ``queue_length`` (patches held for mixing, as in torchio's Queue) sets how many groups'
+    batches are shuffled together.
+    """
+    groups = SubjectGroups(len(subjects), batch_size, groups_per_pass(all_subjects, batch_size, world_size))
+    dataset = PatchDrawingDataset(subjects, transform, sampler, samples_per_volume)
+    mixed_groups = max(1, queue_length // (batch_size * samples_per_volume))
+    return PatchBatchLoader(dataset, groups, collate, mixed_groups, num_workers, seed, rank)
+
+
+def rank_shard(items: list[T], rank: int, world_size: int) -> list[T]:
+    """This rank's disjoint share of items (round robin)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if len(items) < world_size:
+        raise ValueError(f"{len(items)} subjects cannot be shared by {world_size} ranks")
+    return items[rank::world_size]
+
+
+def case_id_of(path: Path) -> str:
+    """``BraTS-GLI-00000-000.nii.gz`` -> ``BraTS-GLI-00000-000`` (also .nrrd, .mha, ...)."""
+    return Path(path.name.removesuffix(".gz")).stem
+
+
+def collate_patches(patches: list[tio.Subject]) -> dict[str, Any]:
+    """Plain tensors instead of torchio's nested per-image dicts."""
+    return {
+        "image": torch.stack([patch["image"].data for patch in patches]).to(torch.float32),
+        "label": torch.stack([patch["label"].data for patch in patches]).to(torch.int64),
+        "location": torch.stack([torch.as_tensor(patch[tio.LOCATION]) for patch in patches]).to(torch.int64),
+        "case_id": [patch["case_id"] for patch in patches],
+    }
