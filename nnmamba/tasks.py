@@ -52,7 +52,7 @@ class TrainingTask:
 
 def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
                         rank: int, world_size: int) -> Iterable[Mapping[str, torch.Tensor]]:
-    """Foreground-oversampled random patches of the training cases (torchio queue)."""
+    """Foreground-oversampled random patches of the training cases, batched in the loader workers."""
     cases = [index["cases"][c] for c in case_ids]
     return make_patch_loader(
         image_paths=[dataset_dir / c["image"] for c in cases],
@@ -86,7 +86,7 @@ def segmentation_summarise(records: list[dict[str, Any]]) -> dict[str, float]:
 
 def landmark_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
                     rank: int, world_size: int) -> Iterable[Mapping[str, torch.Tensor]]:
-    """Random patches with Gaussian heatmap targets, drawn around each landmark or anywhere (torchio queue)."""
+    """Random patches with Gaussian heatmap targets, drawn around each landmark or anywhere, batched in the loader workers."""
     cases = [index["cases"][c] for c in case_ids]
     return make_heatmap_loader(
         image_paths=[dataset_dir / c["image"] for c in cases],
