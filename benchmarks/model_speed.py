@@ -138,12 +138,20 @@ def graph_matches_eager(task: str, variant: str, shape: Shape, config: Config, r
     return max(abs(a - b) / abs(a) for a, b in zip(*curves))
 
 
-def measure(task: str, variant: str, shape: Shape, config: Config, steps: int, repeats: int) -> dict:
-    """Train-step and inference timings of one (variant, shape, config) on the current GPU."""
+def measure(task: str, variant: str, shape: Shape, config: Config, steps: int, repeats: int,
+            host_batches: str = "none") -> dict:
+    """Train-step and inference timings of one (variant, shape, config) on the current GPU.
+
+    `host_batches` "pageable" or "pinned" keeps the batch in host memory, so every step also
+    copies it to the GPU, as a training loop fed by a DataLoader does; "none" keeps it on the GPU.
+    """
     device = torch.device("cuda")
     model, runner, optimizer, loss_fn, captured = prepared(task, variant, shape, config, device)
     size = model_size(model, shape)
     batch = synthetic_batch(model, shape, device)
+    if host_batches != "none":
+        batch = {key: value.cpu() for key, value in batch.items()}
+        batch = {key: value.pin_memory() for key, value in batch.items()} if host_batches == "pinned" else batch
     batches = itertools.repeat(batch)
 
     def train(n: int) -> None:
@@ -163,7 +171,8 @@ def measure(task: str, variant: str, shape: Shape, config: Config, steps: int, r
     peak = torch.cuda.max_memory_allocated() / 2**30
     reserved = torch.cuda.memory_reserved() / 2**30
 
-    image = batch["image"].contiguous(memory_format=torch.channels_last_3d) if config.channels_last else batch["image"]
+    image = batch["image"].to(device)
+    image = image.contiguous(memory_format=torch.channels_last_3d) if config.channels_last else image
     runner.eval()
 
     def infer() -> None:
@@ -208,6 +217,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, help="only these shape names (default: all)")
     parser.add_argument("--steps", type=int, default=10, help="train steps per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per measurement (median reported)")
+    parser.add_argument("--host-batches", choices=["none", "pageable", "pinned"], default="none",
+                        help="keep the batch in host memory (each step copies it to the GPU)")
     parser.add_argument("--check-graph", action="store_true", help="compare graph-replayed and eager losses")
     parser.add_argument("--profile", type=Path, default=None, help="write a profiler table of each miccss run here")
     args = parser.parse_args()
@@ -226,7 +237,8 @@ def main() -> None:
             if (args.variants and variant not in args.variants) or (args.shapes and shape.name not in args.shapes):
                 continue
             entry = {"task": task, "variant": variant, "shape": shape.name, "config": str(config),
-                     **measure(task, variant, shape, config, args.steps, args.repeats)}
+                     "host_batches": args.host_batches,
+                     **measure(task, variant, shape, config, args.steps, args.repeats, args.host_batches)}
             torch.cuda.empty_cache()  # the measured model is gone with measure()'s frame
             if config.graph and args.check_graph:
                 entry["graph_vs_eager_max_relative_loss_difference"] = graph_matches_eager(task, variant, shape, config)

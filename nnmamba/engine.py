@@ -167,7 +167,7 @@ def train_epoch(
     """Run `steps` optimisation steps and return the mean training loss.
 
     Each step's loss is read (a GPU synchronisation) only after the next step has been launched,
-    so the GPU keeps working while the next batch is fetched and copied. A non-finite loss
+    so the GPU keeps working while the next batch is fetched and copied (`device_batches`). A non-finite loss
     therefore stops training with an error one step after it occurred: the weights in memory
     are spoilt by then, but nothing is saved from them.
     """
@@ -175,9 +175,7 @@ def train_epoch(
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     launched: list[torch.Tensor] = []
     values: list[float] = []
-    for batch in islice(batches, steps):
-        image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        target = batch["label"].to(device, non_blocking=True)
+    for image, target in device_batches(islice(batches, steps), device, memory_format):
         if captured_step is not None:
             launched.append(captured_step(image, target))
         else:
@@ -188,6 +186,48 @@ def train_epoch(
         raise ValueError("train_epoch got no batches")
     values.append(_finite_loss(launched[-1], len(launched) - 1))
     return sum(values) / len(values)
+
+
+def device_batches(batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device,
+                   memory_format: torch.memory_format) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, label) of each batch on `device`; on a GPU each copy overlaps the step before it.
+
+    A 2 x 4 x 128^3 float32 batch is 67 MB. Copied on the compute stream, every step would first
+    wait for its batch. Here batch k+1 is copied on a side stream, issued before step k is handed
+    out, and the compute stream waits only for that copy's event when it reaches step k+1. The
+    copy is asynchronous when the loader pins its batches (`pin_memory`).
+    """
+    if device.type != "cuda":
+        yield from (_on_device(batch, device, memory_format) for batch in batches)
+        return
+    copy_stream = torch.cuda.Stream(device)
+    pending: tuple[tuple[torch.Tensor, torch.Tensor], torch.cuda.Event] | None = None
+    for batch in batches:
+        with torch.cuda.stream(copy_stream):
+            copied = _on_device(batch, device, memory_format)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        if pending is not None:
+            yield _ready(*pending, device)
+        pending = copied, done
+    if pending is not None:
+        yield _ready(*pending, device)
+
+
+def _on_device(batch: Mapping[str, torch.Tensor], device: torch.device,
+               memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    return image, batch["label"].to(device, non_blocking=True)
+
+
+def _ready(tensors: tuple[torch.Tensor, torch.Tensor], done: torch.cuda.Event,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The copied tensors, usable on the compute stream once their copy's event has passed."""
+    compute = torch.cuda.current_stream(device)
+    compute.wait_event(done)
+    for tensor in tensors:
+        tensor.record_stream(compute)  # their memory was allocated on the copy stream
+    return tensors
 
 
 def _finite_loss(loss: torch.Tensor, step: int) -> float:

@@ -51,7 +51,8 @@ class TrainingTask:
 
 
 def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
-                        rank: int, world_size: int) -> Iterable[Mapping[str, torch.Tensor]]:
+                        rank: int, world_size: int,
+                        pin_memory: bool = False) -> Iterable[Mapping[str, torch.Tensor]]:
     """Foreground-oversampled random patches of the training cases, batched in the loader workers."""
     cases = [index["cases"][c] for c in case_ids]
     return make_patch_loader(
@@ -67,6 +68,7 @@ def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], tra
         seed=seed,
         rank=rank,
         world_size=world_size,
+        pin_memory=pin_memory,
     )
 
 
@@ -85,8 +87,9 @@ def segmentation_summarise(records: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def landmark_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
-                    rank: int, world_size: int) -> Iterable[Mapping[str, torch.Tensor]]:
-    """Random patches with Gaussian heatmap targets, drawn around each landmark or anywhere, batched in the loader workers."""
+                    rank: int, world_size: int, pin_memory: bool = False,
+                    ) -> Iterable[Mapping[str, torch.Tensor]]:
+    """Random patches with Gaussian heatmap targets, drawn around each landmark or anywhere (worker-batched)."""
     cases = [index["cases"][c] for c in case_ids]
     return make_heatmap_loader(
         image_paths=[dataset_dir / c["image"] for c in cases],
@@ -102,6 +105,7 @@ def landmark_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: 
         seed=seed,
         rank=rank,
         world_size=world_size,
+        pin_memory=pin_memory,
     )
 
 
@@ -128,7 +132,7 @@ def landmark_summarise(records: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def classification_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
-                          rank: int, world_size: int) -> Iterable[Mapping[str, Any]]:
+                          rank: int, world_size: int, pin_memory: bool = False) -> Iterable[Mapping[str, Any]]:
     """Shuffled batches of whole augmented volumes with their class index, this rank's cases only.
 
     Ranks take the cases round robin. Unequal shares are fine: the training loop draws a fixed
@@ -144,7 +148,7 @@ def classification_loader(dataset_dir: Path, index: dict, case_ids: list[str], t
     ]
     dataset = tio.SubjectsDataset(subjects, transform=augmentation_transform(train["augmentation"]))
     return PrivateRngLoader(dataset, seed=seed, rank=rank, batch_size=train["batch_size"], shuffle=True,
-                            num_workers=train["data_workers"], collate_fn=collate_volumes)
+                            num_workers=train["data_workers"], collate_fn=collate_volumes, pin_memory=pin_memory)
 
 
 def collate_volumes(subjects: list[tio.Subject]) -> dict[str, Any]:

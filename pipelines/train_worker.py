@@ -130,7 +130,8 @@ def train_loop(trial: dict) -> None:
     dataset_dir = Path(trial["dataset_dir"])
     index = json.loads((dataset_dir / "dataset.json").read_text())
     loader = task.train_loader(dataset_dir, index, trial["train_cases"], train,
-                               seed=trial["seed"] * 1_000 + start_epoch, rank=rank, world_size=world)
+                               seed=trial["seed"] * 1_000 + start_epoch, rank=rank, world_size=world,
+                               pin_memory=device.type == "cuda")
     batches = repeat_batches(loader)
     loss_fn = task.loss(train)
     captured = CapturedTrainStep(model, loss_fn, optimizer, dtype) if graphed else None

@@ -25,23 +25,31 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 1))
 
 
-def test_mean_loss_and_weights_match_plain_steps() -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), pytest.param("cuda", False, marks=CUDA),
+                                            pytest.param("cuda", True, marks=CUDA)])
+def test_mean_loss_and_weights_match_plain_steps(device: str, pinned: bool) -> None:
+    """On a GPU the batches go through the side-stream copies of `device_batches`, pinned or not."""
     batches, loss_fn = _batches(4), nn.CrossEntropyLoss()
-    model = _model()
+    if pinned:
+        batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
+    model = _model().to(device)
     reference = copy.deepcopy(model)
     optimizer = build_optimizer(model, "adam", lr=0.01, weight_decay=0.001)
     reference_optimizer = build_optimizer(reference, "adam", lr=0.01, weight_decay=0.001)
     expected = []
     for batch in batches:
         reference_optimizer.zero_grad()
-        loss = loss_fn(reference(batch["image"]), batch["label"])
+        loss = loss_fn(reference(batch["image"].to(device)), batch["label"].to(device))
         loss.backward()
         reference_optimizer.step()
         expected.append(loss.item())
 
-    mean = train_epoch(model, iter(batches), loss_fn, optimizer, 4, torch.device("cpu"))
+    mean = train_epoch(model, iter(batches), loss_fn, optimizer, 4, torch.device(device), channels_last=True)
 
-    assert mean == pytest.approx(sum(expected) / 4, rel=1e-6)
+    assert mean == pytest.approx(sum(expected) / 4, rel=1e-5)
     for trained, manual in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(trained, manual)
 

@@ -75,6 +75,7 @@ def make_heatmap_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> PatchBatchLoader:
     """Loader of patch batches for one DDP rank; ``landmarks_mm[i]`` are image i's K points.
 
@@ -94,7 +95,7 @@ def make_heatmap_loader(
                              augmentation_transform(augmentation), AddLandmarkPeaks()])
     sampler = ContainingLabelSampler(patch_size, label_name=PEAKS, label_probabilities=label_probabilities)
     return patch_batch_loader(subjects, len(image_paths), transform, sampler, collate_heatmap_patches, batch_size,
-                              samples_per_volume, queue_length, num_workers, seed, rank, world_size)
+                              samples_per_volume, queue_length, num_workers, seed, rank, world_size, pin_memory)
 
 
 def collate_heatmap_patches(patches: list[tio.Subject]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Training patches: torchio subjects, transforms and LabelSampler, batched in the loader workers, sharded over DDP ranks.
+"""Training patches: torchio subjects, transforms and LabelSampler, batched in loader workers, sharded over ranks.
 
 Layout-agnostic: any number of channels, any label set. Volumes are padded to
 at least the patch size, augmented whole, then patches are drawn with foreground
@@ -127,8 +127,9 @@ def make_patch_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> PatchBatchLoader:
-    """Loader of patch batches for one DDP rank.
+    """Loader of patch batches for one DDP rank (``pin_memory``: page-locked batches, for asynchronous copies to a GPU).
 
     Batches are dicts: ``image`` float32 [B, C, *patch_size], ``label`` int64
     [B, 1, *patch_size], ``location`` int64 [B, 6] (patch start and stop voxel in
@@ -151,7 +152,7 @@ def make_patch_loader(
     transform = tio.Compose([tio.CropOrPad(patch_size, only_pad=True), augmentation_transform(augmentation)])
     sampler = ContainingLabelSampler(patch_size, label_name="label", label_probabilities=label_probabilities)
     return patch_batch_loader(subjects, len(image_paths), transform, sampler, collate_patches, batch_size,
-                              samples_per_volume, queue_length, num_workers, seed, rank, world_size)
+                              samples_per_volume, queue_length, num_workers, seed, rank, world_size, pin_memory)
 
 
 class PrivateRngLoader(DataLoader):
@@ -258,10 +259,10 @@ class PatchBatchLoader(PrivateRngLoader):
 
     def __init__(self, dataset: PatchDrawingDataset, groups: SubjectGroups,
                  collate: Callable[[list[tio.Subject]], dict[str, Any]], mixed_groups: int, num_workers: int,
-                 seed: int, rank: int):
+                 seed: int, rank: int, pin_memory: bool = False):
         super().__init__(dataset, seed=seed, rank=rank, batch_sampler=groups, num_workers=num_workers,
                          collate_fn=partial(batches_of_group, collate=collate), persistent_workers=num_workers > 0,
-                         prefetch_factor=1 if num_workers > 0 else None)
+                         prefetch_factor=1 if num_workers > 0 else None, pin_memory=pin_memory)
         self.mixed_groups = mixed_groups
 
     def __len__(self) -> int:
@@ -278,7 +279,7 @@ class PatchBatchLoader(PrivateRngLoader):
 def patch_batch_loader(subjects: list[tio.Subject], all_subjects: int, transform: tio.Transform,
                        sampler: tio.PatchSampler, collate: Callable[[list[tio.Subject]], dict[str, Any]],
                        batch_size: int, samples_per_volume: int, queue_length: int, num_workers: int, seed: int,
-                       rank: int, world_size: int) -> PatchBatchLoader:
+                       rank: int, world_size: int, pin_memory: bool = False) -> PatchBatchLoader:
     """The loader of one rank's ``subjects`` (its ``rank_shard`` of ``all_subjects``).
 
     ``queue_length`` (patches held for mixing, as in torchio's Queue) sets how many groups'
@@ -287,7 +288,7 @@ def patch_batch_loader(subjects: list[tio.Subject], all_subjects: int, transform
     groups = SubjectGroups(len(subjects), batch_size, groups_per_pass(all_subjects, batch_size, world_size))
     dataset = PatchDrawingDataset(subjects, transform, sampler, samples_per_volume)
     mixed_groups = max(1, queue_length // (batch_size * samples_per_volume))
-    return PatchBatchLoader(dataset, groups, collate, mixed_groups, num_workers, seed, rank)
+    return PatchBatchLoader(dataset, groups, collate, mixed_groups, num_workers, seed, rank, pin_memory)
 
 
 def rank_shard(items: list[T], rank: int, world_size: int) -> list[T]:
