@@ -54,6 +54,10 @@ for step in "$@"; do
         --shapes brats adni --configs bf16-cl-graph ;;
     profile) run_step profile 90 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/profile_speed.json" \
         --shapes amos --variants miccss --configs bf16-cl --steps 3 --repeats 1 --profile "$RES" ;;
+    host) for mode in none pageable pinned; do
+            run_step host_$mode 70 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed_host_$mode.json" \
+              --shapes amos --variants miccss --configs bf16-cl-graph --repeats 2 --host-batches $mode
+          done ;;
     speed_main) run_step speed_main 80 "$BASE" main python3 "$BASE/benchmarks/model_speed.py" \
         --out "$RES/model_speed_main.json" --shapes amos --variants baseline miccss ;;
     inference) run_step inference 60 "$SRC" branch python3 "$S/inference_speed.py" --out "$RES/inference.json" \
