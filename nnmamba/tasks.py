@@ -21,7 +21,8 @@ from torch import nn
 
 from nnmamba.data.heatmap_sampling import make_heatmap_loader
 from nnmamba.data.preprocess import DATASET_JSON, load_preprocessed
-from nnmamba.data.sampling import PrivateRngLoader, augmentation_transform, make_patch_loader
+from nnmamba.data.sampling import (PrivateRngLoader, SubjectGroups, augmentation_transform, groups_per_pass,
+                                   make_patch_loader, rank_shard)
 from nnmamba.engine import validation_dice
 from nnmamba.inference import class_probabilities, predict_landmarks
 from nnmamba.losses import build_loss
@@ -135,20 +136,22 @@ def classification_loader(dataset_dir: Path, index: dict, case_ids: list[str], t
                           rank: int, world_size: int, pin_memory: bool = False) -> Iterable[Mapping[str, Any]]:
     """Shuffled batches of whole augmented volumes with their class index, this rank's cases only.
 
-    Ranks take the cases round robin. Unequal shares are fine: the training loop draws a fixed
-    number of steps per epoch from a cycled loader, so every rank steps (and all-reduces) in time.
+    Ranks take the cases round robin (``rank_shard``). Each pass deals the rank's cases into full
+    batches (``SubjectGroups``: the last one is topped up with cases drawn again), so a CUDA-graph
+    step, which needs one batch shape, never meets a short last batch, and every rank has
+    ``groups_per_pass`` batches per pass.
     """
-    mine = case_ids[rank::world_size]
-    if not mine:
-        raise ValueError(f"{len(case_ids)} training cases cannot be shared by {world_size} workers")
+    mine = rank_shard(case_ids, rank, world_size)
     subjects = [
         tio.Subject(image=tio.ScalarImage(dataset_dir / index["cases"][c]["image"]),
                     target=index["cases"][c]["class_index"], case_id=c)
         for c in mine
     ]
     dataset = tio.SubjectsDataset(subjects, transform=augmentation_transform(train["augmentation"]))
-    return PrivateRngLoader(dataset, seed=seed, rank=rank, batch_size=train["batch_size"], shuffle=True,
-                            num_workers=train["data_workers"], collate_fn=collate_volumes, pin_memory=pin_memory)
+    batch_size = train["batch_size"]
+    batches = SubjectGroups(len(mine), batch_size, groups_per_pass(len(case_ids), batch_size, world_size))
+    return PrivateRngLoader(dataset, seed=seed, rank=rank, batch_sampler=batches, num_workers=train["data_workers"],
+                            collate_fn=collate_volumes, pin_memory=pin_memory)
 
 
 def collate_volumes(subjects: list[tio.Subject]) -> dict[str, Any]:

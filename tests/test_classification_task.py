@@ -36,17 +36,19 @@ def index_of(prepared: Path) -> dict:
 
 def test_loader_batches_whole_volumes_with_their_class_and_shards_ranks(prepared):
     index = index_of(prepared)
-    case_ids = sorted(index["cases"])
+    case_ids = sorted(index["cases"])[:7]  # shares of 4 and 3 cases: the second rank tops up its last batch
     task = get_task("classification")
-    seen = []
+    seen, lengths = [], []
     for rank in range(2):
         batches = list(task.train_loader(prepared, index, case_ids, TRAIN, seed=3, rank=rank, world_size=2))
         for batch in batches:
-            assert batch["image"].shape[1:] == (1, 16, 16, 16) and batch["image"].dtype == torch.float32
+            assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["image"].dtype == torch.float32
             assert batch["label"].tolist() == [index["cases"][c]["class_index"] for c in batch["case_id"]]
-        seen.append(sorted(c for batch in batches for c in batch["case_id"]))
-    assert sorted(seen[0] + seen[1]) == case_ids and not set(seen[0]) & set(seen[1])
-    with pytest.raises(ValueError, match="2 training cases cannot be shared by 3 workers"):
+        seen.append({c for batch in batches for c in batch["case_id"]})
+        lengths.append(len(batches))
+    assert sorted(seen[0] | seen[1]) == case_ids and not seen[0] & seen[1]
+    assert lengths == [2, 2]  # ceil(ceil(7 / 2 ranks) / batch 2) on both ranks
+    with pytest.raises(ValueError, match="2 subjects cannot be shared by 3 ranks"):
         task.train_loader(prepared, index, case_ids[:2], TRAIN, seed=3, rank=2, world_size=3)
 
 
