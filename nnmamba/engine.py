@@ -173,18 +173,19 @@ def train_epoch(
     """
     model.train()
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-    launched: list[torch.Tensor] = []
     values: list[float] = []
-    for image, target in device_batches(islice(batches, steps), device, memory_format):
+    previous: tuple[torch.Tensor, int] | None = None
+    for step, (image, target) in enumerate(device_batches(islice(batches, steps), device, memory_format)):
         if captured_step is not None:
-            launched.append(captured_step(image, target))
+            loss = captured_step(image, target)
         else:
-            launched.append(optimisation_step(model, loss_fn, optimizer, image, target, dtype))
-        if len(launched) > 1:
-            values.append(_finite_loss(launched[-2], len(launched) - 2))
-    if not launched:
+            loss = optimisation_step(model, loss_fn, optimizer, image, target, dtype)
+        if previous is not None:
+            values.append(_finite_loss(*previous))
+        previous = loss, step
+    if previous is None:
         raise ValueError("train_epoch got no batches")
-    values.append(_finite_loss(launched[-1], len(launched) - 1))
+    values.append(_finite_loss(*previous))
     return sum(values) / len(values)
 
 

@@ -13,7 +13,7 @@ import torchio as tio
 
 from nnmamba.data.brats import BRATS_LABELS, find_brats_cases
 from nnmamba.data.preprocess import load_preprocessed, prepare_dataset
-from nnmamba.data.sampling import SubjectGroups, augmentation_transform, make_patch_loader
+from nnmamba.data.sampling import SubjectGroups, augmentation_transform, make_patch_loader, voxel_probabilities
 from nnmamba.data.synthetic import write_synthetic_brats
 
 SHAPE = (32, 32, 24)
@@ -179,3 +179,14 @@ def test_each_pass_deals_every_case_once_into_groups_topped_up_at_random() -> No
         assert sorted(flat[:5]) == [0, 1, 2, 3, 4] and 0 <= flat[5] < 5
     with pytest.raises(ValueError, match="cannot hold"):
         SubjectGroups(subjects=5, size=2, groups=2)
+
+
+def test_voxel_probabilities_match_torchios_label_sampler() -> None:
+    """Against torchio's own rule: labels absent from the volume (5) and labels not listed (3) drop out."""
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 4, (1, 9, 8, 7))).to(torch.uint8)
+    weights = {0: 0.5, 1: 2.0, 2: 0.0, 5: 1.0}
+    ours = voxel_probabilities(labels, weights).double()
+    theirs = tio.LabelSampler.get_probabilities_from_label_map(labels.float(), weights, np.ones(3, dtype=int)).double()
+    torch.testing.assert_close(ours / ours.sum(), theirs / theirs.sum())
+    with pytest.raises(ValueError, match="one-channel"):
+        voxel_probabilities(torch.zeros(2, 3, 3, 3, dtype=torch.uint8), weights)

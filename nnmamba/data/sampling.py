@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 T = TypeVar("T")
 
@@ -100,8 +100,8 @@ def voxel_probabilities(label_map: torch.Tensor, label_probabilities: dict[int, 
     """Each voxel's (unnormalised) chance to be drawn: its label's probability shared by that label's voxels.
 
     torchio's rule (labels absent from the volume drop out; the sampler normalises the map),
-    computed with one histogram and one table lookup: torchio's own version builds a float copy
-    of the label map and a mask per label, ~0.15 s per BraTS-size volume.
+    computed with one histogram and one table lookup, where torchio's own version builds a
+    float copy of the label map and a mask per label.
     """
     if label_map.shape[0] != 1:
         raise ValueError(f"label-weighted sampling needs a one-channel label map, got {label_map.shape[0]} channels")
@@ -158,14 +158,14 @@ def make_patch_loader(
 class PrivateRngLoader(DataLoader):
     """DataLoader whose randomness comes from its own seeded stream, not the caller's.
 
-    torchio (patch centres, augmentation, subject and patch shuffling) and the
-    queue's worker seeds all draw from the global torch RNG. Swapping in a
+    torchio (patch centres, augmentation), the subject shuffling and the loader's
+    worker seeds all draw from the global torch RNG. Swapping in a
     private RNG state around every fetch makes the batch sequence depend only on
     the seed, not on what the model (initialisation, dropout) draws in between:
     two runs, or two ablation variants with the same seed, see the same patches.
     """
 
-    def __init__(self, dataset: tio.Queue, seed: int, rank: int = 0, **kwargs: Any):
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0, **kwargs: Any):
         """One stream per (seed, DDP rank): each worker draws its own patches, reproducibly."""
         super().__init__(dataset, **kwargs)
         rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
@@ -194,10 +194,10 @@ class PatchDrawingDataset(tio.SubjectsDataset):
     """SubjectsDataset whose items are a subject's drawn patches instead of the whole subject.
 
     Loading, padding, augmentation and the label-weighted draw of ``samples_per_volume``
-    patches all run in the loader worker that fetches the item. torchio's Queue draws patches
-    and collates batches in the main process, one volume after the other; with BraTS-size
-    volumes that capped the loader at ~10 batches/s on a 16-core node however many workers
-    loaded volumes.
+    patches all run in the loader worker that fetches the item. torchio's Queue, used before,
+    draws patches and collates batches in the main process, one volume after the other: 5.8
+    batches/s of BraTS-size volumes with 16 workers, against 10.4 this way
+    (benchmarks/results/h200_v3/loader_speed*.json).
     """
 
     def __init__(self, subjects: list[tio.Subject], transform: tio.Transform, sampler: tio.PatchSampler,
