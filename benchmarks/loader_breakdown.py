@@ -25,7 +25,8 @@ import torch
 import torchio as tio
 
 from _common import ResultFile
-from loader_speed import AUGMENTATION, BATCH, SAMPLES_PER_VOLUME, SHAPE, write_case
+from loader_speed import (AUGMENTATION, BATCH, LABEL_PROBABILITIES, PATCH, SAMPLES_PER_VOLUME, SHAPE,
+                          write_case)
 from nnmamba.data.sampling import ContainingLabelSampler, augmentation_transform, collate_patches
 
 
@@ -42,10 +43,10 @@ def step_times(paths: tuple[Path, Path]) -> dict[str, float]:
 
     subject = tio.Subject(image=tio.ScalarImage(paths[0]), label=tio.LabelMap(paths[1]), case_id="case")
     timed("read", subject.load)
-    subject = timed("pad", lambda: tio.CropOrPad((128,) * 3, only_pad=True)(subject))
+    subject = timed("pad", lambda: tio.CropOrPad(PATCH, only_pad=True)(subject))
     timed("forced_affine", lambda: tio.RandomAffine(scales=0.1, degrees=10, default_pad_value=0)(subject))
     subject = timed("augmentation", lambda: augmentation_transform(AUGMENTATION)(subject))
-    sampler = ContainingLabelSampler((128,) * 3, label_name="label", label_probabilities={0: 1, 1: 1, 2: 1, 3: 1})
+    sampler = ContainingLabelSampler(PATCH, label_name="label", label_probabilities=LABEL_PROBABILITIES)
     patches = timed("draw_patches", lambda: list(sampler(subject, SAMPLES_PER_VOLUME)))
     timed("collate", lambda: [collate_patches(patches[i:i + BATCH]) for i in range(0, len(patches), BATCH)])
     return times
@@ -65,7 +66,7 @@ def main() -> None:
     with ProcessPoolExecutor(args.parallel) as pool:
         cases = list(pool.map(write_case, itertools.repeat(directory), range(args.parallel),
                               itertools.repeat(args.suffix)))
-    results = ResultFile(args.out, {"benchmark": "loader_breakdown", "volume": [4, *SHAPE], "patch": [128] * 3,
+    results = ResultFile(args.out, {"benchmark": "loader_breakdown", "volume": [4, *SHAPE], "patch": list(PATCH),
                                     "samples_per_volume": SAMPLES_PER_VOLUME, "batch": BATCH,
                                     "augmentation": AUGMENTATION, "suffix": args.suffix, "unit": "s per volume"})
     alone = mean_times([step_times(case) for case in cases[:2]])

@@ -26,6 +26,8 @@ from nnmamba.data.sampling import make_patch_loader
 
 SHAPE = (240, 240, 155)
 BATCH, SAMPLES_PER_VOLUME, QUEUE_LENGTH = 2, 8, 64
+PATCH = (128, 128, 128)
+LABEL_PROBABILITIES = {0: 1, 1: 1, 2: 1, 3: 1}  # every label (background too) equally often
 # params.yaml, profile `paper`
 AUGMENTATION = {"flip_axes": [0, 1, 2], "flip_p": 0.5, "affine_p": 0.2, "scales": 0.1, "degrees": 10,
                 "gamma_p": 0.2, "noise_p": 0.1}
@@ -52,9 +54,9 @@ def batches_per_second(images: list[Path], labels: list[Path], workers: int, bat
     The queue fills itself (QUEUE_LENGTH patches) before its first batch; timing from there
     would count those ready-made patches as throughput.
     """
-    loader = make_patch_loader(images, labels, patch_size=(128, 128, 128), batch_size=BATCH,
+    loader = make_patch_loader(images, labels, patch_size=PATCH, batch_size=BATCH,
                                samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
-                               label_probabilities={0: 1, 1: 1, 2: 1, 3: 1}, augmentation=AUGMENTATION,
+                               label_probabilities=LABEL_PROBABILITIES, augmentation=AUGMENTATION,
                                num_workers=workers, seed=0)
     stream = itertools.chain.from_iterable(itertools.repeat(loader))
     started = time.perf_counter()
@@ -85,7 +87,7 @@ def main() -> None:
     started = time.perf_counter()
     with ProcessPoolExecutor() as pool:
         pairs = list(pool.map(write_case, itertools.repeat(directory), range(args.cases), itertools.repeat(args.suffix)))
-    results = ResultFile(args.out, {"benchmark": "loader_speed", "volume": [4, *SHAPE], "patch": [128] * 3,
+    results = ResultFile(args.out, {"benchmark": "loader_speed", "volume": [4, *SHAPE], "patch": list(PATCH),
                                     "batch": BATCH, "samples_per_volume": SAMPLES_PER_VOLUME, "queue_length": QUEUE_LENGTH,
                                     "augmentation": AUGMENTATION, "cases": args.cases, "subjects": args.subjects, "suffix": args.suffix,
                                     "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started})
