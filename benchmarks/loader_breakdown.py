@@ -1,12 +1,12 @@
 """Where a loader worker's time goes, per BraTS-size volume: alone and with as many workers as CPUs.
 
-The steps of one `nnmamba.data.sampling.PatchDrawingDataset` item, timed one by one on cases
-written by `loader_speed.write_case`: read image + label, pad, the paper profile's augmentation
-(random: it includes the affine with p = 0.2), draw `samples_per_volume` label-weighted patches,
-collate them into batches of 2. Once in this process, then once per case in a pool of
-`--parallel` processes at the same time, which shows what contention for cores and memory
-bandwidth does to each step. A forced RandomAffine is timed too (the step the augmentation runs
-at p = 0.2).
+The steps of one `nnmamba.data.array_patches.ArrayPatchDataset` item (`samples_per_volume`
+patches of one case), timed one by one on cases written by `loader_speed.write_case`: unpacking
+(once per case, not per visit), the whole item with the paper profile's augmentation, and its
+parts: label-weighted draw, plain crops, patch resampling forced on every patch (the item does it
+with p = 0.2), the torchio patch transforms (flips, gamma, noise), collation into batches of 2.
+Once in this process, then once per case in a pool of `--parallel` processes at the same time,
+which shows what contention for cores and memory bandwidth does to each step.
 
     python benchmarks/loader_breakdown.py --out benchmarks/results/loader_breakdown.json --parallel 16
 """
@@ -21,13 +21,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
-import torchio as tio
 
 from _common import ResultFile
 from loader_speed import (AUGMENTATION, BATCH, LABEL_PROBABILITIES, PATCH, SAMPLES_PER_VOLUME, SHAPE,
                           write_case)
-from nnmamba.data.sampling import ContainingLabelSampler, augmentation_transform, collate_patches
+from nnmamba.data.array_patches import ArrayPatchDataset, affine_matrix, draw_voxels, read_region, resample_patch
+from nnmamba.data.sampling import collate_patches
+from nnmamba.data.unpacked import unpack_case
 
 
 def step_times(paths: tuple[Path, Path]) -> dict[str, float]:
@@ -41,13 +43,19 @@ def step_times(paths: tuple[Path, Path]) -> dict[str, float]:
         times[name] = time.perf_counter() - started
         return result
 
-    subject = tio.Subject(image=tio.ScalarImage(paths[0]), label=tio.LabelMap(paths[1]), case_id="case")
-    timed("read", subject.load)
-    subject = timed("pad", lambda: tio.CropOrPad(PATCH, only_pad=True)(subject))
-    timed("forced_affine", lambda: tio.RandomAffine(scales=0.1, degrees=10, default_pad_value=0)(subject))
-    subject = timed("augmentation", lambda: augmentation_transform(AUGMENTATION)(subject))
-    sampler = ContainingLabelSampler(PATCH, label_name="label", label_probabilities=LABEL_PROBABILITIES)
-    patches = timed("draw_patches", lambda: list(sampler(subject, SAMPLES_PER_VOLUME)))
+    unpacked_dir = paths[0].parent / "unpacked"
+    case = timed("unpack_once", lambda: unpack_case("case", *paths, unpacked_dir))
+    dataset = ArrayPatchDataset([("case", *paths)], unpacked_dir, PATCH, SAMPLES_PER_VOLUME, LABEL_PROBABILITIES,
+                                AUGMENTATION)
+    patches = timed("item", lambda: dataset[0])
+    image, label = np.load(case.image, mmap_mode="r"), np.load(case.label, mmap_mode="r")
+    voxels = timed("draw", lambda: draw_voxels(case, np.load(case.voxels_by_label, mmap_mode="r"),
+                                               LABEL_PROBABILITIES, SAMPLES_PER_VOLUME))
+    origins = np.clip(voxels - np.asarray(PATCH) // 2, 0, np.asarray(SHAPE) - PATCH)
+    timed("crops", lambda: [(read_region(image, o, o + PATCH), read_region(label, o, o + PATCH)) for o in origins])
+    timed("forced_affine", lambda: [resample_patch(image, label, o, np.asarray(PATCH),
+                                                   affine_matrix(dataset.affine, case.spacing)) for o in origins])
+    timed("patch_transforms", lambda: [dataset.patch_transform(patch) for patch in patches])
     timed("collate", lambda: [collate_patches(patches[i:i + BATCH]) for i in range(0, len(patches), BATCH)])
     return times
 

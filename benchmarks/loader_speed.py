@@ -1,9 +1,11 @@
 """Training input pipeline throughput: BraTS-size volumes, 128^3 patches, the paper profile's augmentation.
 
 Writes `--cases` synthetic preprocessed cases (4 x 240 x 240 x 155 float32 images, the uncropped
-BraTS size, i.e. the worst case, and label maps with tumour-like blobs) as .nii.gz, then times
-`nnmamba.data.sampling.make_patch_loader` (label-weighted patches, batch 2) with
-the given worker counts and compares batches/s with the GPU's train steps/s (issue target: >= 1.5x).
+BraTS size, i.e. the worst case, and label maps with tumour-like blobs) as .nii.gz, unpacks them
+(once per case, as training does on a case's first visit; timed apart), then times
+`nnmamba.data.sampling.make_patch_loader` (label-weighted patches, batch 2, page-locked batches
+when there is a GPU, as GPU training loads them) with the given worker counts and compares
+batches/s with the GPU's train steps/s (issue target: >= 1.5x).
 
     python benchmarks/loader_speed.py --out benchmarks/results/loader_speed.json --workers 16 --gpu-step-ms 39.8
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,7 +25,8 @@ import torch
 import torchio as tio
 
 from _common import ResultFile
-from nnmamba.data.sampling import make_patch_loader
+from nnmamba.data.sampling import case_id_of, make_patch_loader
+from nnmamba.data.unpacked import unpack_case
 
 SHAPE = (240, 240, 155)
 BATCH, SAMPLES_PER_VOLUME, QUEUE_LENGTH = 2, 8, 64
@@ -48,21 +52,30 @@ def write_case(directory: Path, index: int, suffix: str = ".nii.gz") -> tuple[Pa
     return paths
 
 
-def batches_per_second(images: list[Path], labels: list[Path], workers: int, batches: int) -> dict:
-    """Steady-state batches/s: timed after twice the queue's length has been drained.
+def unpack(paths: tuple[Path, Path], unpacked_dir: Path) -> None:
+    unpack_case(case_id_of(paths[0]), *paths, unpacked_dir)
 
-    The queue fills itself (QUEUE_LENGTH patches) before its first batch; timing from there
-    would count those ready-made patches as throughput.
+
+def batches_per_second(images: list[Path], labels: list[Path], unpacked_dir: Path, workers: int,
+                       batches: int) -> dict:
+    """Steady-state batches/s: timed after twice the queue's length has been drained, over whole windows.
+
+    The loader hands out batches a window at a time (the batches of the groups it mixes, about
+    QUEUE_LENGTH patches), so the timed count is rounded up to whole windows: a partial window
+    would be timed in full but counted in part. Timing from the first batch would count the
+    window already waiting as throughput.
     """
     loader = make_patch_loader(images, labels, patch_size=PATCH, batch_size=BATCH,
                                samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
                                label_probabilities=LABEL_PROBABILITIES, augmentation=AUGMENTATION,
-                               num_workers=workers, seed=0)
+                               num_workers=workers, seed=0, pin_memory=torch.cuda.is_available(),
+                               unpacked_dir=unpacked_dir)
     stream = itertools.chain.from_iterable(itertools.repeat(loader))
     started = time.perf_counter()
     next(stream)
     first = time.perf_counter() - started
-    warmup = 2 * QUEUE_LENGTH // BATCH
+    window = max(1, QUEUE_LENGTH // (BATCH * SAMPLES_PER_VOLUME)) * SAMPLES_PER_VOLUME
+    warmup, batches = 2 * window, math.ceil(batches / window) * window
     for _ in range(warmup):
         next(stream)
     started = time.perf_counter()
@@ -90,13 +103,19 @@ def main() -> None:
     results = ResultFile(args.out, {"benchmark": "loader_speed", "volume": [4, *SHAPE], "patch": list(PATCH),
                                     "batch": BATCH, "samples_per_volume": SAMPLES_PER_VOLUME, "queue_length": QUEUE_LENGTH,
                                     "augmentation": AUGMENTATION, "cases": args.cases, "subjects": args.subjects, "suffix": args.suffix,
-                                    "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started})
+                                    "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started,
+                                    "pin_memory": torch.cuda.is_available()})
+    unpacked_dir = directory / "unpacked"
+    started = time.perf_counter()
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(unpack, pairs, itertools.repeat(unpacked_dir)))
+    results.payload["unpack_cases_s"] = time.perf_counter() - started
     # A pass over a real training set (BraTS: ~1000 cases) holds hundreds of groups; with a few dozen the
     # workers would mostly wait at pass ends for the slowest one. The written cases are reused instead.
     pairs = list(itertools.islice(itertools.cycle(pairs), args.subjects))
     images, labels = [p[0] for p in pairs], [p[1] for p in pairs]
     for workers in args.workers:
-        entry = batches_per_second(images, labels, workers, args.batches)
+        entry = batches_per_second(images, labels, unpacked_dir, workers, args.batches)
         entry["ratio_to_gpu_step_rate"] = entry["batches_per_s"] * args.gpu_step_ms / 1e3
         results.add(entry)
         print(f"loader {workers:2d} workers: {entry['batches_per_s']:.1f} batches/s = "

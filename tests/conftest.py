@@ -28,6 +28,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unpacked_dir(tmp_path_factory) -> Path:
+    """Training's unpacked case copies go to this session's temporary directory, not the user's cache.
+
+    Autouse and session-wide, so it is set before the Ray cluster and project subprocesses inherit the environment.
+    """
+    directory = tmp_path_factory.mktemp("unpacked")
+    previous = os.environ.get("NNMAMBA_UNPACKED_DIR")
+    os.environ["NNMAMBA_UNPACKED_DIR"] = str(directory)
+    yield directory
+    if previous is None:
+        del os.environ["NNMAMBA_UNPACKED_DIR"]
+    else:
+        os.environ["NNMAMBA_UNPACKED_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> dict:
     """A real head node started with `ray start` (token auth on, dashboard on 127.0.0.1 only).

@@ -13,7 +13,8 @@ import torchio as tio
 
 from nnmamba.data.brats import BRATS_LABELS, find_brats_cases
 from nnmamba.data.preprocess import load_preprocessed, prepare_dataset
-from nnmamba.data.sampling import SubjectGroups, augmentation_transform, make_patch_loader, voxel_probabilities
+from nnmamba.data.augmentation import augmentation_transform
+from nnmamba.data.sampling import SubjectGroups, make_patch_loader, voxel_probabilities
 from nnmamba.data.synthetic import write_synthetic_brats
 
 SHAPE = (32, 32, 24)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torchio as tio
 
-from nnmamba.data.sampling import (ContainingLabelSampler, PatchBatchLoader, case_id_of, augmentation_transform,
+from nnmamba.data.augmentation import augmentation_transform
+from nnmamba.data.sampling import (ContainingLabelSampler, PatchBatchLoader, PatchDrawingDataset, case_id_of,
                                    patch_batch_loader, rank_shard)
 from nnmamba.heatmaps import gaussian_heatmaps
 
@@ -94,8 +95,9 @@ def make_heatmap_loader(
     transform = tio.Compose([AddGaussianHeatmaps(sigma_mm), tio.CropOrPad(patch_size, only_pad=True),
                              augmentation_transform(augmentation), AddLandmarkPeaks()])
     sampler = ContainingLabelSampler(patch_size, label_name=PEAKS, label_probabilities=label_probabilities)
-    return patch_batch_loader(subjects, len(image_paths), transform, sampler, collate_heatmap_patches, batch_size,
-                              samples_per_volume, queue_length, num_workers, seed, rank, world_size, pin_memory)
+    dataset = PatchDrawingDataset(subjects, transform, sampler, samples_per_volume)
+    return patch_batch_loader(dataset, len(image_paths), collate_heatmap_patches, batch_size, queue_length,
+                              num_workers, seed, rank, world_size, pin_memory)
 
 
 def collate_heatmap_patches(patches: list[tio.Subject]) -> dict[str, Any]:

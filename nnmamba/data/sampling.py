@@ -1,10 +1,10 @@
-"""Training patches: torchio subjects, transforms and LabelSampler, batched in loader workers, sharded over ranks.
+"""Training patches: label-weighted draws, augmentation, batches made in loader workers, sharded over ranks.
 
-Layout-agnostic: any number of channels, any label set. Volumes are padded to
-at least the patch size, augmented whole, then patches are drawn with foreground
-oversampling (``label_probabilities``) by :class:`ContainingLabelSampler` and
-collated into batches; all of it in the loader's worker processes
-(:class:`PatchBatchLoader`).
+Layout-agnostic: any number of channels, any label set. Segmentation patches come from
+memory-mapped unpacked cases and are augmented patch by patch (:mod:`nnmamba.data.array_patches`);
+landmark heatmap patches are drawn by :class:`ContainingLabelSampler` from whole volumes augmented
+by torchio (:mod:`nnmamba.data.heatmap_sampling`). Both are batched in the loader's worker
+processes and dealt to DDP ranks by :class:`PatchBatchLoader`.
 """
 
 from __future__ import annotations
@@ -19,55 +19,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from nnmamba.data.array_patches import ArrayPatchDataset
+from nnmamba.data.unpacked import default_unpacked_dir
 
 T = TypeVar("T")
-
-FLIP_KEYS = {"flip_axes": "axes"}
-# augmentation probability key -> (torchio transform, {optional key: its keyword}, fixed keywords).
-# Absent optional keys keep torchio's defaults; the probability is the transform's p.
-RANDOM_TRANSFORMS: dict[str, tuple[type[tio.Transform], dict[str, str], dict[str, Any]]] = {
-    # Preprocessed volumes are 0 outside the head, so resampling pads with 0 too.
-    "affine_p": (tio.RandomAffine, {"scales": "scales", "degrees": "degrees"}, {"default_pad_value": 0}),
-    # Intensity changes touch the network input only (landmark heatmap targets are images too).
-    "gamma_p": (tio.RandomGamma, {"log_gamma": "log_gamma"}, {"include": ["image"]}),
-    "noise_p": (tio.RandomNoise, {"noise_std": "std"}, {"include": ["image"]}),
-}
-AUGMENTATION_KEYS = frozenset(
-    {"flip_p", *FLIP_KEYS, *RANDOM_TRANSFORMS, *(k for _, keys, _ in RANDOM_TRANSFORMS.values() for k in keys)}
-)
-
-
-def augmentation_transform(augmentation: dict) -> tio.Transform:
-    """Random spatial then intensity transforms from a params.yaml ``augmentation`` dict.
-
-    Keys: ``flip_p`` (per-axis flip probability) with ``flip_axes``; ``affine_p``
-    with ``scales``, ``degrees``; ``gamma_p`` with ``log_gamma``; ``noise_p`` with
-    ``noise_std``. A transform is used only when its probability is > 0, so an
-    empty dict is the identity. Unknown keys raise ValueError.
-    """
-    unknown = sorted(set(augmentation) - AUGMENTATION_KEYS)
-    if unknown:
-        raise ValueError(f"unknown augmentation key(s) {unknown}; known keys: {sorted(AUGMENTATION_KEYS)}")
-    transforms: list[tio.Transform] = []
-    if augmentation.get("flip_p", 0) > 0:
-        kwargs = _present_keywords(augmentation, FLIP_KEYS)
-        transforms.append(tio.RandomFlip(flip_probability=augmentation["flip_p"], **kwargs))
-    for probability_key, (transform_type, keys, fixed) in RANDOM_TRANSFORMS.items():
-        if augmentation.get(probability_key, 0) > 0:
-            kwargs = _present_keywords(augmentation, keys)
-            transforms.append(transform_type(p=augmentation[probability_key], **fixed, **kwargs))
-    return tio.Compose(transforms)
-
-
-def _present_keywords(augmentation: dict, keys: dict[str, str]) -> dict[str, Any]:
-    """Keywords for the keys present; YAML lists become the tuples torchio expects."""
-    return {
-        keyword: tuple(augmentation[key]) if isinstance(augmentation[key], list) else augmentation[key]
-        for key, keyword in keys.items()
-        if key in augmentation
-    }
-
 
 class ContainingLabelSampler(tio.LabelSampler):
     """LabelSampler that can choose any voxel, borders included (nnU-Net's rule).
@@ -128,6 +85,7 @@ def make_patch_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    unpacked_dir: Path | None = None,
 ) -> PatchBatchLoader:
     """Loader of patch batches for one DDP rank (``pin_memory``: page-locked batches, for asynchronous copies to a GPU).
 
@@ -135,8 +93,10 @@ def make_patch_loader(
     [B, 1, *patch_size], ``location`` int64 [B, 6] (patch start and stop voxel in
     the padded volume) and ``case_id`` (list of str). Spatial axes keep the
     on-disk voxel order. ``label_probabilities`` weighs the label of the voxel a
-    patch is drawn around (``None``: always a nonzero label); the patch always
+    patch is drawn around (``None``: always a nonzero label); the patch
     contains that voxel and is centred on it unless it is near the border.
+    Cases are read from their unpacked copies in ``unpacked_dir`` (default:
+    ``default_unpacked_dir()``), made on first use.
 
     An epoch is one pass over the rank's cases in groups of ``batch_size``: every case gives
     ``samples_per_volume`` patches, and each batch holds one patch of each case of a group
@@ -145,14 +105,12 @@ def make_patch_loader(
     """
     if len(image_paths) != len(label_paths):
         raise ValueError(f"{len(image_paths)} images but {len(label_paths)} labels")
-    subjects = [
-        tio.Subject(image=tio.ScalarImage(image), label=tio.LabelMap(label), case_id=case_id_of(Path(image)))
-        for image, label in rank_shard(list(zip(image_paths, label_paths, strict=True)), rank, world_size)
-    ]
-    transform = tio.Compose([tio.CropOrPad(patch_size, only_pad=True), augmentation_transform(augmentation)])
-    sampler = ContainingLabelSampler(patch_size, label_name="label", label_probabilities=label_probabilities)
-    return patch_batch_loader(subjects, len(image_paths), transform, sampler, collate_patches, batch_size,
-                              samples_per_volume, queue_length, num_workers, seed, rank, world_size, pin_memory)
+    cases = [(case_id_of(Path(image)), Path(image), Path(label))
+             for image, label in rank_shard(list(zip(image_paths, label_paths, strict=True)), rank, world_size)]
+    dataset = ArrayPatchDataset(cases, unpacked_dir or default_unpacked_dir(), patch_size, samples_per_volume,
+                                label_probabilities, augmentation)
+    return patch_batch_loader(dataset, len(image_paths), collate_patches, batch_size, queue_length, num_workers,
+                              seed, rank, world_size, pin_memory)
 
 
 class PrivateRngLoader(DataLoader):
@@ -197,7 +155,8 @@ class PatchDrawingDataset(tio.SubjectsDataset):
     patches all run in the loader worker that fetches the item. torchio's Queue, used before,
     draws patches and collates batches in the main process, one volume after the other: 5.8
     batches/s of BraTS-size volumes with 16 workers, against 10.4 this way
-    (benchmarks/results/h200_v3/loader_speed*.json).
+    (benchmarks/results/h200_v3/loader_speed*.json); segmentation now uses the faster
+    :class:`~nnmamba.data.array_patches.ArrayPatchDataset`.
     """
 
     def __init__(self, subjects: list[tio.Subject], transform: tio.Transform, sampler: tio.PatchSampler,
@@ -257,7 +216,7 @@ class PatchBatchLoader(PrivateRngLoader):
     torchio's Queue mixes patches of several volumes. Workers persist across epochs.
     """
 
-    def __init__(self, dataset: PatchDrawingDataset, groups: SubjectGroups,
+    def __init__(self, dataset: ArrayPatchDataset | PatchDrawingDataset, groups: SubjectGroups,
                  collate: Callable[[list[tio.Subject]], dict[str, Any]], mixed_groups: int, num_workers: int,
                  seed: int, rank: int, pin_memory: bool = False):
         super().__init__(dataset, seed=seed, rank=rank, batch_sampler=groups, num_workers=num_workers,
@@ -276,18 +235,17 @@ class PatchBatchLoader(PrivateRngLoader):
             yield from (batches[index] for index in order)
 
 
-def patch_batch_loader(subjects: list[tio.Subject], all_subjects: int, transform: tio.Transform,
-                       sampler: tio.PatchSampler, collate: Callable[[list[tio.Subject]], dict[str, Any]],
-                       batch_size: int, samples_per_volume: int, queue_length: int, num_workers: int, seed: int,
-                       rank: int, world_size: int, pin_memory: bool = False) -> PatchBatchLoader:
-    """The loader of one rank's ``subjects`` (its ``rank_shard`` of ``all_subjects``).
+def patch_batch_loader(dataset: ArrayPatchDataset | PatchDrawingDataset, all_subjects: int,
+                       collate: Callable[[list[tio.Subject]], dict[str, Any]], batch_size: int, queue_length: int,
+                       num_workers: int, seed: int, rank: int, world_size: int,
+                       pin_memory: bool = False) -> PatchBatchLoader:
+    """The loader of one rank's ``dataset`` (its ``rank_shard`` of ``all_subjects``).
 
     ``queue_length`` (patches held for mixing, as in torchio's Queue) sets how many groups'
     batches are shuffled together.
     """
-    groups = SubjectGroups(len(subjects), batch_size, groups_per_pass(all_subjects, batch_size, world_size))
-    dataset = PatchDrawingDataset(subjects, transform, sampler, samples_per_volume)
-    mixed_groups = max(1, queue_length // (batch_size * samples_per_volume))
+    groups = SubjectGroups(len(dataset), batch_size, groups_per_pass(all_subjects, batch_size, world_size))
+    mixed_groups = max(1, queue_length // (batch_size * dataset.samples_per_volume))
     return PatchBatchLoader(dataset, groups, collate, mixed_groups, num_workers, seed, rank, pin_memory)
 
 
@@ -306,10 +264,14 @@ def case_id_of(path: Path) -> str:
 
 
 def collate_patches(patches: list[tio.Subject]) -> dict[str, Any]:
-    """Plain tensors instead of torchio's nested per-image dicts."""
+    """Plain tensors instead of torchio's nested per-image dicts.
+
+    Stacked by ``default_collate``, which in a loader worker stacks into shared memory: the batch
+    then reaches the main process without another copy.
+    """
     return {
-        "image": torch.stack([patch["image"].data for patch in patches]).to(torch.float32),
-        "label": torch.stack([patch["label"].data for patch in patches]).to(torch.int64),
+        "image": default_collate([patch["image"].data.to(torch.float32) for patch in patches]),
+        "label": default_collate([patch["label"].data.to(torch.int64) for patch in patches]),
         "location": torch.stack([torch.as_tensor(patch[tio.LOCATION]) for patch in patches]).to(torch.int64),
         "case_id": [patch["case_id"] for patch in patches],
     }
