@@ -70,11 +70,12 @@ for step in "$@"; do
              "$S/ddp_scaling.py" --out "$RES/ddp_scaling.json"
          done ;;
     loader) run_step loader 200 "$SRC" branch python3 "$S/loader_speed.py" --out "$RES/loader_speed.json" \
-        --workers 16 8 --gpu-step-ms "${GPU_STEP_MS:-39.8}" ;;
+        --workers 16 8 --transport-only --gpu-step-ms "${GPU_STEP_MS:-36.3}" ;;
+    loader_fp32) run_step loader_fp32 150 "$SRC" branch python3 "$S/loader_speed.py" \
+        --out "$RES/loader_speed_float32.json" --image-dtype float32 --workers 16 --transport-only \
+        --gpu-step-ms "${GPU_STEP_MS:-36.3}" ;;
     loader_breakdown) run_step loader_breakdown 150 "$SRC" branch python3 "$S/loader_breakdown.py" \
         --out "$RES/loader_breakdown.json" --parallel "$(nproc)" ;;
-    loader_nii) run_step loader_nii 150 "$SRC" branch python3 "$S/loader_speed.py" \
-        --out "$RES/loader_speed_uncompressed.json" --suffix .nii --workers 16 --gpu-step-ms "${GPU_STEP_MS:-39.8}" ;;
     ray) run_step ray 560 "$SRC" branch python3 "$S/ray_train_scaling.py" --out "$RES/ray_train_scaling.json" \
         --gpus 1 2 4 --deadline-s $(( DEADLINE - $(date +%s) - 120 )) ;;
     *) echo "unknown step $step" ;;

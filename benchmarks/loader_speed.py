@@ -18,14 +18,16 @@ import math
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchio as tio
+from torch.utils.data import Dataset
 
 from _common import ResultFile
-from nnmamba.data.sampling import case_id_of, make_patch_loader
+from nnmamba.data.sampling import PatchBatchLoader, case_id_of, collate_patches, make_patch_loader, patch_batch_loader
 from nnmamba.data.unpacked import unpack_case
 
 SHAPE = (240, 240, 155)
@@ -56,8 +58,26 @@ def unpack(paths: tuple[Path, Path], unpacked_dir: Path) -> None:
     unpack_case(case_id_of(paths[0]), *paths, unpacked_dir)
 
 
-def batches_per_second(images: list[Path], labels: list[Path], unpacked_dir: Path, workers: int,
-                       batches: int) -> dict:
+class ReadyPatches(Dataset):
+    """Items of ready-made patches: the loader's rate with them is what the main process can take in."""
+
+    samples_per_volume = SAMPLES_PER_VOLUME
+
+    def __init__(self, subjects: int):
+        self.subjects = subjects
+        self.image = torch.randn(4, *PATCH)
+        self.label = torch.zeros(1, *PATCH, dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return self.subjects
+
+    def __getitem__(self, index: int) -> list[tio.Subject]:
+        return [tio.Subject(image=tio.ScalarImage(tensor=self.image), label=tio.LabelMap(tensor=self.label),
+                            case_id=str(index), **{tio.LOCATION: torch.zeros(6, dtype=torch.int64)})
+                for _ in range(SAMPLES_PER_VOLUME)]
+
+
+def steady_rate(loader: PatchBatchLoader, batches: int) -> dict:
     """Steady-state batches/s: timed after twice the queue's length has been drained, over whole windows.
 
     The loader hands out batches a window at a time (the batches of the groups it mixes, about
@@ -65,11 +85,6 @@ def batches_per_second(images: list[Path], labels: list[Path], unpacked_dir: Pat
     would be timed in full but counted in part. Timing from the first batch would count the
     window already waiting as throughput.
     """
-    loader = make_patch_loader(images, labels, patch_size=PATCH, batch_size=BATCH,
-                               samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
-                               label_probabilities=LABEL_PROBABILITIES, augmentation=AUGMENTATION,
-                               num_workers=workers, seed=0, pin_memory=torch.cuda.is_available(),
-                               unpacked_dir=unpacked_dir)
     stream = itertools.chain.from_iterable(itertools.repeat(loader))
     started = time.perf_counter()
     next(stream)
@@ -82,8 +97,25 @@ def batches_per_second(images: list[Path], labels: list[Path], unpacked_dir: Pat
     for _ in range(batches):
         next(stream)
     elapsed = time.perf_counter() - started
-    return {"workers": workers, "first_batch_s": first, "warmup_batches": warmup, "batches": batches,
-            "seconds": elapsed, "batches_per_s": batches / elapsed}
+    return {"first_batch_s": first, "warmup_batches": warmup, "batches": batches, "seconds": elapsed,
+            "batches_per_s": batches / elapsed}
+
+
+def loader_rate(images: list[Path], labels: list[Path], unpacked_dir: Path, workers: int, batches: int,
+                pin_memory: bool, image_dtype: torch.dtype, transport_only: bool) -> dict:
+    """The training loader's steady rate; ``transport_only``: its batching and hand-over of ready patches."""
+    collate = partial(collate_patches, image_dtype=image_dtype)
+    if transport_only:
+        loader = patch_batch_loader(ReadyPatches(len(images)), len(images), collate, BATCH, QUEUE_LENGTH, workers,
+                                    seed=0, rank=0, world_size=1, pin_memory=pin_memory)
+    else:
+        loader = make_patch_loader(images, labels, patch_size=PATCH, batch_size=BATCH,
+                                   samples_per_volume=SAMPLES_PER_VOLUME, queue_length=QUEUE_LENGTH,
+                                   label_probabilities=LABEL_PROBABILITIES, augmentation=AUGMENTATION,
+                                   num_workers=workers, seed=0, pin_memory=pin_memory, unpacked_dir=unpacked_dir,
+                                   image_dtype=image_dtype)
+    return {"workers": workers, "transport_only": transport_only, "pin_memory": pin_memory,
+            "image_dtype": str(image_dtype).removeprefix("torch."), **steady_rate(loader, batches)}
 
 
 def main() -> None:
@@ -95,7 +127,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200, help="timed batches after the warm-up")
     parser.add_argument("--suffix", default=".nii.gz", help="file format of the cases (.nii: uncompressed)")
     parser.add_argument("--gpu-step-ms", type=float, required=True, help="measured train step of the GPU to feed")
+    parser.add_argument("--no-pin-memory", action="store_true", help="pageable batches even with a GPU")
+    parser.add_argument("--image-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="batch image type: the paper profile trains with bf16 autocast, so bfloat16")
+    parser.add_argument("--transport-only", action="store_true",
+                        help="also time ready-made patches: what the main process can take in")
     args = parser.parse_args()
+    pin_memory = torch.cuda.is_available() and not args.no_pin_memory
     directory = Path(tempfile.mkdtemp(prefix="loader_speed_"))
     started = time.perf_counter()
     with ProcessPoolExecutor() as pool:
@@ -103,8 +141,7 @@ def main() -> None:
     results = ResultFile(args.out, {"benchmark": "loader_speed", "volume": [4, *SHAPE], "patch": list(PATCH),
                                     "batch": BATCH, "samples_per_volume": SAMPLES_PER_VOLUME, "queue_length": QUEUE_LENGTH,
                                     "augmentation": AUGMENTATION, "cases": args.cases, "subjects": args.subjects, "suffix": args.suffix,
-                                    "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started,
-                                    "pin_memory": torch.cuda.is_available()})
+                                    "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started})
     unpacked_dir = directory / "unpacked"
     started = time.perf_counter()
     with ProcessPoolExecutor() as pool:
@@ -115,11 +152,14 @@ def main() -> None:
     pairs = list(itertools.islice(itertools.cycle(pairs), args.subjects))
     images, labels = [p[0] for p in pairs], [p[1] for p in pairs]
     for workers in args.workers:
-        entry = batches_per_second(images, labels, unpacked_dir, workers, args.batches)
-        entry["ratio_to_gpu_step_rate"] = entry["batches_per_s"] * args.gpu_step_ms / 1e3
-        results.add(entry)
-        print(f"loader {workers:2d} workers: {entry['batches_per_s']:.1f} batches/s = "
-              f"{entry['ratio_to_gpu_step_rate']:.2f}x the GPU's {1e3 / args.gpu_step_ms:.1f} steps/s", flush=True)
+        for transport_only in (False, True) if args.transport_only else (False,):
+            entry = loader_rate(images, labels, unpacked_dir, workers, args.batches, pin_memory,
+                                getattr(torch, args.image_dtype), transport_only)
+            entry["ratio_to_gpu_step_rate"] = entry["batches_per_s"] * args.gpu_step_ms / 1e3
+            results.add(entry)
+            print(f"loader {workers:2d} workers{' (transport only)' if transport_only else ''}: "
+                  f"{entry['batches_per_s']:.1f} batches/s = {entry['ratio_to_gpu_step_rate']:.2f}x "
+                  f"the GPU's {1e3 / args.gpu_step_ms:.1f} steps/s", flush=True)
 
 
 if __name__ == "__main__":

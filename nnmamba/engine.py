@@ -217,8 +217,10 @@ def device_batches(batches: Iterable[Mapping[str, torch.Tensor]], device: torch.
 
 def _on_device(batch: Mapping[str, torch.Tensor], device: torch.device,
                memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer labels travel compact (uint8 segmentation maps) and are widened to the int64 losses take here."""
     image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    return image, batch["label"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    return image, label if label.is_floating_point() else label.long()
 
 
 def _ready(tensors: tuple[torch.Tensor, torch.Tensor], done: torch.cuda.Event,

@@ -24,7 +24,7 @@ from nnmamba.data.preprocess import DATASET_JSON, load_preprocessed
 from nnmamba.data.augmentation import augmentation_transform
 from nnmamba.data.sampling import (PrivateRngLoader, SubjectGroups, groups_per_pass,
                                    make_patch_loader, rank_shard)
-from nnmamba.engine import validation_dice
+from nnmamba.engine import amp_dtype, validation_dice
 from nnmamba.inference import class_probabilities, predict_landmarks
 from nnmamba.losses import build_loss
 from nnmamba.metrics import classification_metrics, radial_errors
@@ -71,6 +71,7 @@ def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], tra
         rank=rank,
         world_size=world_size,
         pin_memory=pin_memory,
+        image_dtype=amp_dtype(train["amp"]) or torch.float32,
     )
 
 
@@ -108,6 +109,7 @@ def landmark_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: 
         rank=rank,
         world_size=world_size,
         pin_memory=pin_memory,
+        image_dtype=amp_dtype(train["amp"]) or torch.float32,
     )
 
 

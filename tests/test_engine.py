@@ -31,10 +31,14 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("device, pinned", [("cpu", False), pytest.param("cuda", False, marks=CUDA),
                                             pytest.param("cuda", True, marks=CUDA)])
 def test_mean_loss_and_weights_match_plain_steps(device: str, pinned: bool) -> None:
-    """On a GPU the batches go through the side-stream copies of `device_batches`, pinned or not."""
+    """On a GPU the batches go through the side-stream copies of `device_batches`, pinned or not.
+
+    The loop gets the labels as uint8, as the patch loader delivers them; the loss needs them int64.
+    """
     batches, loss_fn = _batches(4), nn.CrossEntropyLoss()
+    compact = [{**batch, "label": batch["label"].to(torch.uint8)} for batch in batches]
     if pinned:
-        batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
+        compact = [{key: value.pin_memory() for key, value in batch.items()} for batch in compact]
     model = _model().to(device)
     reference = copy.deepcopy(model)
     optimizer = build_optimizer(model, "adam", lr=0.01, weight_decay=0.001)
@@ -47,7 +51,7 @@ def test_mean_loss_and_weights_match_plain_steps(device: str, pinned: bool) -> N
         reference_optimizer.step()
         expected.append(loss.item())
 
-    mean = train_epoch(model, iter(batches), loss_fn, optimizer, 4, torch.device(device), channels_last=True)
+    mean = train_epoch(model, iter(compact), loss_fn, optimizer, 4, torch.device(device), channels_last=True)
 
     assert mean == pytest.approx(sum(expected) / 4, rel=1e-5)
     for trained, manual in zip(model.parameters(), reference.parameters(), strict=True):

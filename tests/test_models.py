@@ -94,3 +94,13 @@ def test_channels_last_input_gives_the_same_output():
     net = net.to(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last_3d)), expected,
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("task, variant", [("segmentation", "miccss"), ("classification", "sequence")])
+def test_input_already_in_the_autocast_dtype_gives_the_same_output(task, variant):
+    """Why the training loader may hand over bf16 images: the first convolution casts its input to bf16 anyway."""
+    torch.manual_seed(0)
+    net = build_model(task, variant, 2, 3, base_channels=4, blocks_per_stage=2).eval()
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(net(x.to(torch.bfloat16)), net(x))

@@ -59,12 +59,12 @@ def test_batches_are_plain_tensors_and_crops_of_the_volume(dataset: dict) -> Non
     volumes = {case_id: load_preprocessed(dataset["dir"], case_id) for case_id in dataset["shapes"]}
     for batch in batches:
         assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (4, 16, 16, 16)
-        assert batch["label"].dtype == torch.int64 and batch["label"].shape[1:] == (1, 16, 16, 16)
+        assert batch["label"].dtype == torch.uint8 and batch["label"].shape[1:] == (1, 16, 16, 16)
         for image, label, location, case_id in zip(batch["image"], batch["label"], batch["location"], batch["case_id"]):
             i0, j0, k0, i1, j1, k1 = location.tolist()
             volume = volumes[case_id]
             torch.testing.assert_close(image, volume["image"].data[:, i0:i1, j0:j1, k0:k1], rtol=0, atol=0)
-            assert torch.equal(label, volume["label"].data[:, i0:i1, j0:j1, k0:k1].long())
+            assert torch.equal(label.long(), volume["label"].data[:, i0:i1, j0:j1, k0:k1].long())
 
 
 def test_volumes_smaller_than_the_patch_are_padded(dataset: dict) -> None:

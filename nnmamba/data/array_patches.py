@@ -44,8 +44,8 @@ class ArrayPatchDataset(Dataset):
     (``augmentation_transform``), a RandomAffine only supplies its parameter draws and its
     probability to :func:`resample_patch`, and a RandomFlip its axes and probability to the crop,
     which reads the flipped patch in the same pass (torchio would copy it once more); the others
-    run on each patch, in place (each patch is a new subject). Labels come out int64, as the losses
-    take them. Cases are unpacked on first use, in whichever loader worker visits them first.
+    run on each patch, in place (each patch is a new subject). Labels keep the unpacked copy's
+    compact type. Cases are unpacked on first use, in whichever loader worker visits them first.
     """
 
     def __init__(self, cases: list[tuple[str, Path, Path]], unpacked_dir: Path, patch_size: tuple[int, int, int],
@@ -87,7 +87,7 @@ class ArrayPatchDataset(Dataset):
         else:
             stop = origin + self.patch_size
             image_patch = torch.from_numpy(read_region(image, origin, stop, flipped))
-            label_patch = torch.from_numpy(read_region(label, origin, stop, flipped, np.int64))
+            label_patch = torch.from_numpy(read_region(label, origin, stop, flipped))
         location = torch.as_tensor(np.concatenate([start, start + self.patch_size]))
         return tio.Subject(image=tio.ScalarImage(tensor=image_patch), label=tio.LabelMap(tensor=label_patch),
                            case_id=case.case_id, **{tio.LOCATION: location})
@@ -129,17 +129,17 @@ def draw_voxels(case: UnpackedCase, voxels_by_label: np.ndarray, label_probabili
     return np.stack(np.unravel_index(np.asarray(flat, dtype=np.int64), case.shape), axis=1)
 
 
-def read_region(array: np.ndarray, start: np.ndarray, stop: np.ndarray, flipped_axes: tuple[int, ...] = (),
-                dtype: np.dtype | type | None = None) -> np.ndarray:
-    """``array[:, start:stop]`` (all channels) with zeros where the box leaves the volume, spatial
-    ``flipped_axes`` reversed, as ``dtype``: one copy when the box lies inside."""
+def read_region(array: np.ndarray, start: np.ndarray, stop: np.ndarray,
+                flipped_axes: tuple[int, ...] = ()) -> np.ndarray:
+    """``array[:, start:stop]`` (all channels) with zeros where the box leaves the volume and the
+    spatial ``flipped_axes`` reversed: one copy when the box lies inside."""
     shape = np.asarray(array.shape[1:])
     inner_start, inner_stop = np.clip(start, 0, shape), np.clip(stop, 0, shape)
     inside = tuple(slice(a, b) for a, b in zip(inner_start, inner_stop))
     reverse = (slice(None), *(slice(None, None, -1) if axis in flipped_axes else slice(None) for axis in range(3)))
     if (inner_start == start).all() and (inner_stop == stop).all():
-        return np.array(array[(slice(None), *inside)][reverse], dtype=dtype)
-    region = np.zeros((array.shape[0], *(stop - start)), dtype=dtype or array.dtype)
+        return np.array(array[(slice(None), *inside)][reverse])
+    region = np.zeros((array.shape[0], *(stop - start)), dtype=array.dtype)
     if (inner_stop > inner_start).all():
         target = tuple(slice(a - s, b - s) for a, b, s in zip(inner_start, inner_stop, start))
         region[(slice(None), *target)] = array[(slice(None), *inside)]
@@ -187,4 +187,4 @@ def resample_patch(image: np.ndarray, label: np.ndarray, origin: np.ndarray, pat
     label_region = torch.from_numpy(read_region(label, low, high).astype(np.float32))[None]
     image_patch = F.grid_sample(image_region, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     label_patch = F.grid_sample(label_region, grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
-    return image_patch, label_patch.to(torch.int64)
+    return image_patch, torch.from_numpy(label_patch[0].numpy().astype(label.dtype))[None]
