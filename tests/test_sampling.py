@@ -191,3 +191,16 @@ def test_voxel_probabilities_match_torchios_label_sampler() -> None:
     torch.testing.assert_close(ours / ours.sum(), theirs / theirs.sum())
     with pytest.raises(ValueError, match="one-channel"):
         voxel_probabilities(torch.zeros(2, 3, 3, 3, dtype=torch.uint8), weights)
+
+
+def test_batches_from_workers_survive_the_workers_reusing_their_buffers(dataset: dict) -> None:
+    """Workers rewrite their shared buffers every other group; batches kept for three epochs must still
+    hold the crops their locations name."""
+    loader = _loader(dataset, num_workers=2, samples_per_volume=2, label_probabilities={0: 1.0, 1: 1.0})
+    kept = [batch for _ in range(3) for batch in loader]
+    assert len(kept) == 3 * len(loader)
+    volumes = {case_id: load_preprocessed(dataset["dir"], case_id)["image"].data for case_id in dataset["shapes"]}
+    for batch in kept:
+        for image, location, case_id in zip(batch["image"], batch["location"], batch["case_id"]):
+            i0, j0, k0, i1, j1, k1 = location.tolist()
+            assert torch.equal(image, volumes[case_id][:, i0:i1, j0:j1, k0:k1])

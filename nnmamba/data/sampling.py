@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from nnmamba.data.array_patches import ArrayPatchDataset
 from nnmamba.data.unpacked import default_unpacked_dir
+from nnmamba.data.worker_buffers import worker_batch_buffers
 
 T = TypeVar("T")
 
@@ -206,9 +207,14 @@ def groups_per_pass(subjects: int, batch_size: int, world_size: int) -> int:
     return math.ceil(math.ceil(subjects / world_size) / batch_size)
 
 
-def batches_of_group(drawn: list[list[tio.Subject]], collate: Callable[[list[tio.Subject]], T]) -> list[T]:
-    """A group's patches as batches: batch j holds the j-th patch of every subject in the group."""
-    return [collate(list(patches)) for patches in zip(*drawn, strict=True)]
+def batches_of_group(drawn: list[list[tio.Subject]],
+                     collate: Callable[[list[tio.Subject]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """A group's patches as batches: batch j holds the j-th patch of every subject in the group.
+
+    In a loader worker they are handed over through the worker's reused shared buffers.
+    """
+    batches = [collate(list(patches)) for patches in zip(*drawn, strict=True)]
+    return batches if get_worker_info() is None else worker_batch_buffers().stage(batches)
 
 
 class PatchBatchLoader(PrivateRngLoader):
@@ -217,8 +223,11 @@ class PatchBatchLoader(PrivateRngLoader):
     A worker fetches one group (``batch_size`` subjects), draws ``samples_per_volume`` patches
     from each and collates them into ``samples_per_volume`` batches, each with one patch of
     every subject of the group; so the main process only receives finished batches (through
-    shared memory). Batches of ``mixed_groups`` consecutive groups are shuffled together, as
-    torchio's Queue mixes patches of several volumes. Workers persist across epochs.
+    the worker's reused shared memory, :mod:`nnmamba.data.worker_buffers`, which is why a group
+    is copied out as soon as it arrives: into pinned memory by the DataLoader with
+    ``pin_memory``, else cloned here). Batches of ``mixed_groups`` consecutive groups are
+    shuffled together, as torchio's Queue mixes patches of several volumes. Workers persist
+    across epochs.
     """
 
     def __init__(self, dataset: ArrayPatchDataset | PatchDrawingDataset, groups: SubjectGroups,
@@ -234,6 +243,9 @@ class PatchBatchLoader(PrivateRngLoader):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         groups = super().__iter__()
+        if self.num_workers > 0 and not self.pin_memory:
+            groups = ([{key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+                       for batch in group] for group in groups)
         while window := list(islice(groups, self.mixed_groups)):
             batches = [batch for group in window for batch in group]
             order = self._with_private_rng(lambda: torch.randperm(len(batches)).tolist())
@@ -269,14 +281,10 @@ def case_id_of(path: Path) -> str:
 
 
 def collate_patches(patches: list[tio.Subject], image_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Plain tensors instead of torchio's nested per-image dicts; labels keep their compact type.
-
-    Stacked by ``default_collate``, which in a loader worker stacks into shared memory: the batch
-    then reaches the main process without another copy.
-    """
+    """Plain tensors instead of torchio's nested per-image dicts; labels keep their compact type."""
     return {
-        "image": default_collate([patch["image"].data.to(image_dtype) for patch in patches]),
-        "label": default_collate([patch["label"].data for patch in patches]),
+        "image": torch.stack([patch["image"].data.to(image_dtype) for patch in patches]),
+        "label": torch.stack([patch["label"].data for patch in patches]),
         "location": torch.stack([torch.as_tensor(patch[tio.LOCATION]) for patch in patches]).to(torch.int64),
         "case_id": [patch["case_id"] for patch in patches],
     }
