@@ -10,6 +10,7 @@ processes and dealt to DDP ranks by :class:`PatchBatchLoader`.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import islice
@@ -235,7 +236,8 @@ class PatchBatchLoader(PrivateRngLoader):
                  seed: int, rank: int, pin_memory: bool = False):
         super().__init__(dataset, seed=seed, rank=rank, batch_sampler=groups, num_workers=num_workers,
                          collate_fn=partial(batches_of_group, collate=collate), persistent_workers=num_workers > 0,
-                         prefetch_factor=1 if num_workers > 0 else None, pin_memory=pin_memory)
+                         prefetch_factor=1 if num_workers > 0 else None, pin_memory=pin_memory,
+                         worker_init_fn=yield_to_the_main_process)
         self.mixed_groups = mixed_groups
 
     def __len__(self) -> int:
@@ -250,6 +252,17 @@ class PatchBatchLoader(PrivateRngLoader):
             batches = [batch for group in window for batch in group]
             order = self._with_private_rng(lambda: torch.randperm(len(batches)).tolist())
             yield from (batches[index] for index in order)
+
+
+# Niceness of loader workers. With as many workers as cores, the main process (which takes in and
+# pins the batches and launches the GPU steps) otherwise waits for a core: on the 16-vCPU H200 host,
+# 16 workers delivered fewer batches than 8 did (benchmarks/results/h200_v4/loader_speed_reused_shm_7a002a9.json).
+WORKER_NICENESS = 10
+
+
+def yield_to_the_main_process(worker_id: int) -> None:
+    """Run this loader worker at a lower priority than the training process (it still gets every idle core)."""
+    os.nice(WORKER_NICENESS)
 
 
 def patch_batch_loader(dataset: ArrayPatchDataset | PatchDrawingDataset, all_subjects: int,
