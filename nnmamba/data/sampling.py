@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from nnmamba.data.array_patches import ArrayPatchDataset
 from nnmamba.data.unpacked import default_unpacked_dir
-from nnmamba.data.worker_buffers import worker_batch_buffers
+from nnmamba.data.worker_buffers import GROUPS_AHEAD, worker_batch_buffers
 
 T = TypeVar("T")
 
@@ -236,7 +236,7 @@ class PatchBatchLoader(PrivateRngLoader):
                  seed: int, rank: int, pin_memory: bool = False):
         super().__init__(dataset, seed=seed, rank=rank, batch_sampler=groups, num_workers=num_workers,
                          collate_fn=partial(batches_of_group, collate=collate), persistent_workers=num_workers > 0,
-                         prefetch_factor=1 if num_workers > 0 else None, pin_memory=pin_memory,
+                         prefetch_factor=GROUPS_AHEAD if num_workers > 0 else None, pin_memory=pin_memory,
                          worker_init_fn=yield_to_the_main_process)
         self.mixed_groups = mixed_groups
 

@@ -5,15 +5,16 @@ default every batch gets new shared memory whose pages are then touched for the 
 the 16-vCPU GPU host that first touch, by 16 workers at once, cost more than drawing and
 augmenting the patches: with ready-made patches 16 workers handed over only 80 bf16 batches/s,
 200 ms of worker time per batch (benchmarks/results/h200_v4/loader_speed_fresh_shm_d718447.json, transport_only).
-Here each worker keeps two sets of buffers and copies the batches of successive groups into them
-in turn; sending a buffer again only sends its handle.
+Here each worker keeps a few sets of buffers and copies the batches of successive groups into
+them in turn; sending a buffer again only sends its handle.
 
-Why two sets suffice: the loader gives a worker its next group only when the main process takes
-in a group (one new task per group taken, workers served in turn), and a worker's next-but-one
-group only after the main process took in that worker's next one. By then the main process has
-copied the first group out of shared memory: pinned copies made by the DataLoader's pin thread
-before the group is taken in, or clones made as soon as it is taken in
-(:class:`~nnmamba.data.sampling.PatchBatchLoader`).
+Why ``GROUPS_AHEAD + 1`` sets suffice: a worker holds at most ``GROUPS_AHEAD`` groups to make
+(the DataLoader's prefetch factor), and it is given a new one only when the main process takes in
+a group (one new task per group taken, workers served in turn). So the set a group was written
+into is written again only after the main process has taken in that group and the next
+``GROUPS_AHEAD - 1`` of the same worker; by then it has copied the group out of shared memory:
+pinned copies made by the DataLoader's pin thread before a group is taken in, or clones made as
+soon as it is taken in (:class:`~nnmamba.data.sampling.PatchBatchLoader`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from typing import Any
 
 import torch
 
-TURNS = 2
+# Groups each worker may be making ahead of the main process: with one, a worker that finished
+# waited until the groups before its own had arrived from slower workers.
+GROUPS_AHEAD = 2
+TURNS = GROUPS_AHEAD + 1
 
 
 class WorkerBatchBuffers:
