@@ -70,7 +70,7 @@ for step in "$@"; do
              "$S/ddp_scaling.py" --out "$RES/ddp_scaling.json"
          done ;;
     loader) run_step loader 200 "$SRC" branch python3 "$S/loader_speed.py" --out "$RES/loader_speed.json" \
-        --workers 16 12 8 --transport-only --gpu-step-ms "${GPU_STEP_MS:-36.3}" ;;
+        --workers 16 8 --transport-only --gpu-step-ms "${GPU_STEP_MS:-36.3}" ;;
     loader_fp32) run_step loader_fp32 150 "$SRC" branch python3 "$S/loader_speed.py" \
         --out "$RES/loader_speed_float32.json" --image-dtype float32 --workers 16 --transport-only \
         --gpu-step-ms "${GPU_STEP_MS:-36.3}" ;;

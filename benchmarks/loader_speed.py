@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from _common import ResultFile
 from nnmamba.data.sampling import PatchBatchLoader, case_id_of, collate_patches, make_patch_loader, patch_batch_loader
 from nnmamba.data.unpacked import unpack_case
+from nnmamba.data.worker_buffers import GROUPS_AHEAD
 
 SHAPE = (240, 240, 155)
 BATCH, SAMPLES_PER_VOLUME, QUEUE_LENGTH = 2, 8, 64
@@ -78,19 +79,22 @@ class ReadyPatches(Dataset):
 
 
 def steady_rate(loader: PatchBatchLoader, batches: int) -> dict:
-    """Steady-state batches/s: timed after twice the queue's length has been drained, over whole windows.
+    """Steady-state batches/s, over whole windows, after the batches made ahead have been drained.
 
-    The loader hands out batches a window at a time (the batches of the groups it mixes, about
-    QUEUE_LENGTH patches), so the timed count is rounded up to whole windows: a partial window
-    would be timed in full but counted in part. Timing from the first batch would count the
-    window already waiting as throughput.
+    Workers make up to GROUPS_AHEAD groups each before the main process asks (they are made while
+    the first batch is awaited), and the loader hands out batches a window at a time (the
+    batches of the groups it mixes, about QUEUE_LENGTH patches). So the warm-up drains what can
+    be made ahead plus two windows, the timed count is at least four times what can be made
+    ahead, and it is rounded up to whole windows: a partial window would be timed in full but
+    counted in part. Timing from the first batch would count ready-made batches as throughput.
     """
     stream = itertools.chain.from_iterable(itertools.repeat(loader))
     started = time.perf_counter()
     next(stream)
     first = time.perf_counter() - started
     window = max(1, QUEUE_LENGTH // (BATCH * SAMPLES_PER_VOLUME)) * SAMPLES_PER_VOLUME
-    warmup, batches = 2 * window, math.ceil(batches / window) * window
+    ahead = loader.num_workers * GROUPS_AHEAD * SAMPLES_PER_VOLUME
+    warmup, batches = ahead + 2 * window, math.ceil(max(batches, 4 * ahead) / window) * window
     for _ in range(warmup):
         next(stream)
     started = time.perf_counter()

@@ -55,7 +55,9 @@ class TrainingTask:
 def segmentation_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: dict, seed: int,
                         rank: int, world_size: int,
                         pin_memory: bool = False) -> Iterable[Mapping[str, torch.Tensor]]:
-    """Foreground-oversampled random patches of the training cases, batched in the loader workers."""
+    """Foreground-oversampled random patches of the training cases, batched in the loader workers.
+
+    Images come in the autocast dtype when training with one (see ``make_patch_loader``)."""
     cases = [index["cases"][c] for c in case_ids]
     return make_patch_loader(
         image_paths=[dataset_dir / c["image"] for c in cases],
@@ -109,7 +111,6 @@ def landmark_loader(dataset_dir: Path, index: dict, case_ids: list[str], train: 
         rank=rank,
         world_size=world_size,
         pin_memory=pin_memory,
-        image_dtype=amp_dtype(train["amp"]) or torch.float32,
     )
 
 
