@@ -48,7 +48,7 @@ def step_times(paths: tuple[Path, Path]) -> dict[str, float]:
     dataset = ArrayPatchDataset([("case", *paths)], unpacked_dir, PATCH, SAMPLES_PER_VOLUME, LABEL_PROBABILITIES,
                                 AUGMENTATION)
     patches = timed("item", lambda: dataset[0])
-    image, label = np.load(case.image, mmap_mode="r"), np.load(case.label, mmap_mode="r")
+    image, label = np.load(case.image, mmap_mode="c"), np.load(case.label, mmap_mode="r")
     voxels = timed("draw", lambda: draw_voxels(case, np.load(case.voxels_by_label, mmap_mode="r"),
                                                LABEL_PROBABILITIES, SAMPLES_PER_VOLUME))
     origins = np.clip(voxels - np.asarray(PATCH) // 2, 0, np.asarray(SHAPE) - PATCH)

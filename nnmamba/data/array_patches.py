@@ -67,7 +67,7 @@ class ArrayPatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> list[tio.Subject]:
         case = unpack_case(*self.cases[index], self.unpacked_dir)
-        image = np.load(case.image, mmap_mode="r")
+        image = np.load(case.image, mmap_mode="c")  # writable mapping, for torch views; never written
         label = np.load(case.label, mmap_mode="r")
         voxels = draw_voxels(case, np.load(case.voxels_by_label, mmap_mode="r"), self.label_probabilities,
                              self.samples_per_volume)
@@ -172,19 +172,36 @@ def rotation_matrix(degrees: np.ndarray) -> np.ndarray:
 
 def resample_patch(image: np.ndarray, label: np.ndarray, origin: np.ndarray, patch_size: np.ndarray,
                    matrix: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The patch at ``origin`` resampled through ``matrix`` about its centre; reads only the region it needs."""
+    """The patch at ``origin`` resampled through ``matrix`` about its centre, zero outside the case.
+
+    Only the part of the case the patch reaches is read: the image in place (``grid_sample`` on a
+    view of the memory map, which must be mapped writable, mode "c", for torch to take it;
+    nothing is written), the label as a float copy of that part.
+    """
     centre = origin + (patch_size - 1) / 2
     corners = np.stack(np.meshgrid(*[[0, p - 1] for p in patch_size], indexing="ij"), -1).reshape(-1, 3)
     reached = centre + (corners - (patch_size - 1) / 2) @ matrix.T
-    low, high = np.floor(reached.min(0)).astype(int), np.floor(reached.max(0)).astype(int) + 2
-    axes = [torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch_size]
-    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
-    # grid_sample's coordinates: (-1, 1) spans the region's first to last voxel, listed (z, y, x).
-    scale = torch.as_tensor(2 / (high - low - 1), dtype=torch.float32)
-    translation = torch.as_tensor((centre - low) * (2 / (high - low - 1)) - 1, dtype=torch.float32)
-    grid = (offsets @ (torch.as_tensor(matrix, dtype=torch.float32).T * scale) + translation).flip(-1)[None]
-    image_region = torch.from_numpy(read_region(image, low, high))[None]
-    label_region = torch.from_numpy(read_region(label, low, high).astype(np.float32))[None]
+    shape = np.asarray(image.shape[1:])
+    # Clipped to the case: grid_sample's zero padding then stands for the zeros outside it.
+    low = np.clip(np.floor(reached.min(0)).astype(int), 0, shape - 2)
+    high = np.clip(np.floor(reached.max(0)).astype(int) + 2, low + 2, shape)
+    region = (slice(None), *(slice(a, b) for a, b in zip(low, high)))
+    grid = _sampling_grid(centre - low, high - low, patch_size, matrix)
+    image_region = torch.from_numpy(image[region])[None]
+    label_region = torch.from_numpy(label[region].astype(np.float32))[None]
     image_patch = F.grid_sample(image_region, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     label_patch = F.grid_sample(label_region, grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
     return image_patch, torch.from_numpy(label_patch[0].numpy().astype(label.dtype))[None]
+
+
+def _sampling_grid(centre: np.ndarray, region_shape: np.ndarray, patch_size: np.ndarray,
+                   matrix: np.ndarray) -> torch.Tensor:
+    """grid_sample's [1, *patch_size, 3] grid: each output voxel's place in the region, (-1, 1) spanning its
+    first to last voxel, listed (z, y, x). Summed from the three axes' offsets by broadcasting, which is
+    cheaper than a meshgrid times the matrix."""
+    offsets = [torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch_size]
+    along = [offsets[0].view(-1, 1, 1), offsets[1].view(1, -1, 1), offsets[2].view(1, 1, -1)]
+    scale = 2 / (region_shape - 1)
+    axes = [float(centre[i] * scale[i] - 1) + sum(float(matrix[i, j] * scale[i]) * along[j] for j in range(3))
+            for i in (2, 1, 0)]
+    return torch.stack(axes, dim=-1)[None]

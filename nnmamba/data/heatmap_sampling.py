@@ -26,8 +26,8 @@ import torch
 import torchio as tio
 
 from nnmamba.data.augmentation import augmentation_transform
-from nnmamba.data.sampling import (ContainingLabelSampler, PatchBatchLoader, PatchDrawingDataset, case_id_of,
-                                   patch_batch_loader, rank_shard)
+from nnmamba.data.sampling import (ContainingLabelSampler, PatchBatchLoader, PatchDrawingDataset, Stack,
+                                   case_id_of, patch_batch_loader, rank_shard, stack)
 from nnmamba.heatmaps import gaussian_heatmaps
 
 HEATMAPS = "heatmaps"
@@ -100,11 +100,11 @@ def make_heatmap_loader(
                               num_workers, seed, rank, world_size, pin_memory)
 
 
-def collate_heatmap_patches(patches: list[tio.Subject]) -> dict[str, Any]:
+def collate_heatmap_patches(patches: list[tio.Subject], stack: Stack = stack) -> dict[str, Any]:
     """Plain tensors instead of torchio's nested per-image dicts; the heatmaps are the ``label``."""
     return {
-        "image": torch.stack([patch["image"].data for patch in patches]).to(torch.float32),
-        "label": torch.stack([patch[HEATMAPS].data for patch in patches]).to(torch.float32),
-        "location": torch.stack([torch.as_tensor(patch[tio.LOCATION]) for patch in patches]).to(torch.int64),
+        "image": stack("image", [patch["image"].data for patch in patches], torch.float32),
+        "label": stack("label", [patch[HEATMAPS].data for patch in patches], torch.float32),
+        "location": stack("location", [torch.as_tensor(patch[tio.LOCATION]) for patch in patches], torch.int64),
         "case_id": [patch["case_id"] for patch in patches],
     }

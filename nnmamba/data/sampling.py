@@ -27,6 +27,10 @@ from nnmamba.data.unpacked import default_unpacked_dir
 from nnmamba.data.worker_buffers import GROUPS_AHEAD, worker_batch_buffers
 
 T = TypeVar("T")
+# How a batch's tensors are stacked: stack(field name, tensors, dtype).
+Stack = Callable[[str, list[torch.Tensor], torch.dtype], torch.Tensor]
+# A group's batch from its patches, its tensors made by the given Stack.
+Collate = Callable[[list[tio.Subject], Stack], dict[str, Any]]
 
 class ContainingLabelSampler(tio.LabelSampler):
     """LabelSampler that can choose any voxel, borders included (nnU-Net's rule).
@@ -208,14 +212,22 @@ def groups_per_pass(subjects: int, batch_size: int, world_size: int) -> int:
     return math.ceil(math.ceil(subjects / world_size) / batch_size)
 
 
-def batches_of_group(drawn: list[list[tio.Subject]],
-                     collate: Callable[[list[tio.Subject]], dict[str, Any]]) -> list[dict[str, Any]]:
+def stack(name: str, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Tensors (of batch field ``name``) stacked along a new first dimension, as ``dtype``."""
+    return torch.stack(tensors).to(dtype)
+
+
+def batches_of_group(drawn: list[list[tio.Subject]], collate: Collate) -> list[dict[str, Any]]:
     """A group's patches as batches: batch j holds the j-th patch of every subject in the group.
 
-    In a loader worker they are handed over through the worker's reused shared buffers.
+    In a loader worker they are stacked straight into the worker's reused shared buffers.
     """
-    batches = [collate(list(patches)) for patches in zip(*drawn, strict=True)]
-    return batches if get_worker_info() is None else worker_batch_buffers().stage(batches)
+    positions = enumerate(zip(*drawn, strict=True))
+    if get_worker_info() is None:
+        return [collate(list(patches), stack) for _, patches in positions]
+    buffers = worker_batch_buffers()
+    turn = buffers.next_turn()
+    return [collate(list(patches), partial(buffers.stack, turn, position)) for position, patches in positions]
 
 
 class PatchBatchLoader(PrivateRngLoader):
@@ -232,7 +244,7 @@ class PatchBatchLoader(PrivateRngLoader):
     """
 
     def __init__(self, dataset: ArrayPatchDataset | PatchDrawingDataset, groups: SubjectGroups,
-                 collate: Callable[[list[tio.Subject]], dict[str, Any]], mixed_groups: int, num_workers: int,
+                 collate: Collate, mixed_groups: int, num_workers: int,
                  seed: int, rank: int, pin_memory: bool = False):
         super().__init__(dataset, seed=seed, rank=rank, batch_sampler=groups, num_workers=num_workers,
                          collate_fn=partial(batches_of_group, collate=collate), persistent_workers=num_workers > 0,
@@ -255,8 +267,9 @@ class PatchBatchLoader(PrivateRngLoader):
 
 
 # Niceness of loader workers. With as many workers as cores, the main process (which takes in and
-# pins the batches and launches the GPU steps) otherwise waits for a core: on the 16-vCPU H200 host,
-# 16 workers delivered fewer batches than 8 did (benchmarks/results/h200_v4/loader_speed_reused_shm_7a002a9.json).
+# pins the batches and launches the GPU steps) otherwise waits for a core: on the 16-core H200 host
+# 16 workers delivered fewer batches than 8 did, 25.7 vs 30.4 per s, although that benchmark's short
+# warm-up favoured more workers (benchmarks/results/h200_v4/short_warmup/loader_speed_reused_shm_7a002a9.json).
 WORKER_NICENESS = 10
 
 
@@ -266,7 +279,7 @@ def yield_to_the_main_process(worker_id: int) -> None:
 
 
 def patch_batch_loader(dataset: ArrayPatchDataset | PatchDrawingDataset, all_subjects: int,
-                       collate: Callable[[list[tio.Subject]], dict[str, Any]], batch_size: int, queue_length: int,
+                       collate: Collate, batch_size: int, queue_length: int,
                        num_workers: int, seed: int, rank: int, world_size: int,
                        pin_memory: bool = False) -> PatchBatchLoader:
     """The loader of one rank's ``dataset`` (its ``rank_shard`` of ``all_subjects``).
@@ -293,11 +306,12 @@ def case_id_of(path: Path) -> str:
     return Path(path.name.removesuffix(".gz")).stem
 
 
-def collate_patches(patches: list[tio.Subject], image_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def collate_patches(patches: list[tio.Subject], stack: Stack = stack,
+                    image_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Plain tensors instead of torchio's nested per-image dicts; labels keep their compact type."""
     return {
-        "image": torch.stack([patch["image"].data.to(image_dtype) for patch in patches]),
-        "label": torch.stack([patch["label"].data for patch in patches]),
-        "location": torch.stack([torch.as_tensor(patch[tio.LOCATION]) for patch in patches]).to(torch.int64),
+        "image": stack("image", [patch["image"].data for patch in patches], image_dtype),
+        "label": stack("label", [patch["label"].data for patch in patches], patches[0]["label"].data.dtype),
+        "location": stack("location", [torch.as_tensor(patch[tio.LOCATION]) for patch in patches], torch.int64),
         "case_id": [patch["case_id"] for patch in patches],
     }

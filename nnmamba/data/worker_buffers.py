@@ -19,8 +19,6 @@ soon as it is taken in (:class:`~nnmamba.data.sampling.PatchBatchLoader`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 # Groups each worker may be making ahead of the main process: with one, a worker that finished
@@ -30,25 +28,28 @@ TURNS = GROUPS_AHEAD + 1
 
 
 class WorkerBatchBuffers:
-    """One worker's buffers: per turn, per batch position and per key, a shared tensor of the batch's shape."""
+    """One worker's buffers, one per turn, batch position in the group and stacked tensor of the batch."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.turn = 0
+        self.turn = TURNS - 1
 
-    def stage(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The batches with every tensor copied into this turn's buffers (made on first use or a new shape)."""
-        turn, self.turn = self.turn, (self.turn + 1) % TURNS
-        return [{key: self._copy_in(turn, position, key, value) if isinstance(value, torch.Tensor) else value
-                 for key, value in batch.items()}
-                for position, batch in enumerate(batches)]
+    def next_turn(self) -> int:
+        """The set of buffers the next group goes to."""
+        self.turn = (self.turn + 1) % TURNS
+        return self.turn
 
-    def _copy_in(self, turn: int, position: int, key: str, value: torch.Tensor) -> torch.Tensor:
-        buffer = self.buffers.get((turn, position, key))
-        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-            buffer = torch.empty_like(value, memory_format=torch.contiguous_format).share_memory_()
-            self.buffers[turn, position, key] = buffer
-        return buffer.copy_(value)
+    def stack(self, turn: int, position: int, name: str, tensors: list[torch.Tensor],
+              dtype: torch.dtype) -> torch.Tensor:
+        """``tensors`` stacked, as ``dtype``, into the buffer of batch field ``name`` at this turn and position
+        of the group (made on first use, or for a new shape or type)."""
+        slot = (turn, position, name)
+        shape = (len(tensors), *tensors[0].shape)
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = torch.empty(shape, dtype=dtype).share_memory_()
+            self.buffers[slot] = buffer
+        return torch.stack(tensors, out=buffer)
 
 
 _THIS_WORKER: WorkerBatchBuffers | None = None
