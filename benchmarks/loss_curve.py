@@ -39,7 +39,12 @@ def learnable_batches(steps: int, seed: int, classes: int = 4, size: int = 32) -
     return batches
 
 
-def loader_batches(steps: int, seed: int) -> Iterable[dict[str, torch.Tensor]]:
+FLIPS = {"flip_axes": [0, 1, 2], "flip_p": 0.5}
+# params.yaml, profile `paper`
+PAPER_AUGMENTATION = {**FLIPS, "affine_p": 0.2, "scales": 0.1, "degrees": 10, "gamma_p": 0.2, "noise_p": 0.1}
+
+
+def loader_batches(steps: int, seed: int, augmentation: dict) -> Iterable[dict[str, torch.Tensor]]:
     """`steps` batches of the training loader: 32^3 patches (batch 2) of 8 synthetic 4-channel BraTS cases."""
     from nnmamba.data.brats import BRATS_LABELS, find_brats_cases
     from nnmamba.data.preprocess import prepare_dataset
@@ -54,16 +59,17 @@ def loader_batches(steps: int, seed: int) -> Iterable[dict[str, torch.Tensor]]:
     loader = make_patch_loader([root / "prepared" / c["image"] for c in cases],
                                [root / "prepared" / c["label"] for c in cases], patch_size=(32, 32, 32), batch_size=2,
                                samples_per_volume=4, queue_length=16, label_probabilities={0: 1, 1: 1, 2: 1, 3: 1},
-                               augmentation={"flip_axes": [0, 1, 2], "flip_p": 0.5}, num_workers=0, seed=seed)
+                               augmentation=augmentation, num_workers=0, seed=seed)
     return islice(repeat_batches(loader), steps)
 
 
-def train_curve(seed: int, steps: int, amp: str, through_loader: bool) -> list[float]:
+def train_curve(seed: int, steps: int, amp: str, through_loader: bool, augmentation: dict) -> list[float]:
     from nnmamba.engine import amp_dtype, build_optimizer, train_epoch
     from nnmamba.losses import build_loss
     from nnmamba.models import build_model
 
-    batches = loader_batches(steps, seed + 100) if through_loader else learnable_batches(steps, seed + 100)
+    batches = (loader_batches(steps, seed + 100, augmentation) if through_loader
+               else learnable_batches(steps, seed + 100))
     torch.manual_seed(seed)
     model = build_model("segmentation", "miccss", 4 if through_loader else 1, 4, base_channels=8, blocks_per_stage=2)
     optimizer = build_optimizer(model, "adam", lr=2e-3, weight_decay=1e-3)
@@ -108,15 +114,18 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--amp", default="none", help="none | bf16 (CPU autocast)")
     parser.add_argument("--loader", action="store_true", help="batches from make_patch_loader (synthetic BraTS)")
+    parser.add_argument("--paper-augmentation", action="store_true",
+                        help="with --loader: the paper profile's augmentation instead of flips only")
     parser.add_argument("--compare", nargs=2, type=Path, help="two curve files: before, after")
     parser.add_argument("--png", type=Path, default=Path("loss_curves.png"))
     args = parser.parse_args()
     if args.compare:
         compare(args.compare, args.png)
         return
-    curves = {str(seed): train_curve(seed, args.steps, args.amp, args.loader) for seed in args.seeds}
+    augmentation = PAPER_AUGMENTATION if args.paper_augmentation else FLIPS
+    curves = {str(seed): train_curve(seed, args.steps, args.amp, args.loader, augmentation) for seed in args.seeds}
     args.out.write_text(json.dumps({"benchmark": "loss_curve", "code": code_version(), "amp": args.amp,
-                                    "loader": args.loader,
+                                    "loader": args.loader, "augmentation": augmentation if args.loader else None,
                                     "steps": args.steps, "curves": curves, "machine": machine()}, indent=2))
     print({seed: [round(x, 4) for x in curve[::10]] for seed, curve in curves.items()})
 

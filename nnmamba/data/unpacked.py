@@ -125,6 +125,11 @@ def _load(case_id: str, path: Path, image_type: type[tio.Image]) -> tio.Image:
 
 
 def _save_atomically(path: Path, array: np.ndarray) -> None:
+    """Write to a unique temporary name, then rename; a failed write (a full disk) leaves nothing behind."""
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.npy")
-    np.save(temporary, array)
-    os.replace(temporary, path)
+    try:
+        np.save(temporary, array)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise OSError(f"cannot write the unpacked copy {path}: {error}") from error

@@ -1,12 +1,11 @@
 """Shared memory that loader workers write batches into and reuse, instead of fresh shared memory per batch.
 
 A tensor a DataLoader worker returns reaches the main process through shared memory, and by
-default every batch gets new shared memory whose pages are then touched for the first time. On
-the 16-vCPU GPU host that first touch, by 16 workers at once, cost more than drawing and
-augmenting the patches: with ready-made patches 16 workers handed over only 80 bf16 batches/s,
-200 ms of worker time per batch (benchmarks/results/h200_v4/loader_speed_fresh_shm_d718447.json, transport_only).
-Here each worker keeps a few sets of buffers and copies the batches of successive groups into
-them in turn; sending a buffer again only sends its handle.
+default every batch is stacked into new shared memory, whose pages the kernel then allocates and
+zeroes on first touch, for every worker at once. Here each worker keeps a few sets of buffers and
+stacks the batches of successive groups into them in turn; sending a buffer again only sends its
+handle. The stacking and hand-over cost is what ``benchmarks/loader_speed.py --transport-only``
+measures.
 
 Why ``GROUPS_AHEAD + 1`` sets suffice: a worker holds at most ``GROUPS_AHEAD`` groups to make
 (the DataLoader's prefetch factor), and it is given a new one only when the main process takes in
