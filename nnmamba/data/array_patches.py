@@ -14,8 +14,9 @@ Per case visit (one loader item), ``samples_per_volume`` patches; for each:
 
 Why not torchio's own sampler and RandomAffine (used before, and still for landmark heatmaps):
 they augment the whole decompressed volume before drawing patches, which on the 16-core GPU
-host fed 10.4 BraTS batches/s against the 41 a 36 ms train step needs
-(benchmarks/results/h200_v3/loader_breakdown.json). torchio resamples only whole images, so the
+host fed 10.4 BraTS batches/s (a benchmark that overstated it) against the 41 a 36 ms train
+step needs (benchmarks/results/h200_v3/loader_breakdown.json: where the time went); this way,
+46 (benchmarks/results/h200_v4/loader_speed.json). torchio resamples only whole images, so the
 patch-sized resampling of step 3 is written here, with torch's ``grid_sample``; nnU-Net's
 augmentation also works patch by patch. A rotated patch is placed as in step 2 and then turned
 about its centre, so near the border it can lose the drawn voxel.

@@ -166,8 +166,8 @@ class PatchDrawingDataset(tio.SubjectsDataset):
     patches all run in the loader worker that fetches the item. torchio's Queue, used before,
     draws patches and collates batches in the main process, one volume after the other: 5.8
     batches/s of BraTS-size volumes with 16 workers, against 10.4 this way
-    (benchmarks/results/h200_v3/loader_speed*.json); segmentation now uses the faster
-    :class:`~nnmamba.data.array_patches.ArrayPatchDataset`.
+    (benchmarks/results/h200_v3/loader_speed*.json; both overstated by a short warm-up);
+    segmentation now uses the faster :class:`~nnmamba.data.array_patches.ArrayPatchDataset`.
     """
 
     def __init__(self, subjects: list[tio.Subject], transform: tio.Transform, sampler: tio.PatchSampler,
