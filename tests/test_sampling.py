@@ -193,10 +193,13 @@ def test_voxel_probabilities_match_torchios_label_sampler() -> None:
         voxel_probabilities(torch.zeros(2, 3, 3, 3, dtype=torch.uint8), weights)
 
 
-def test_batches_from_workers_survive_the_workers_reusing_their_buffers(dataset: dict) -> None:
-    """Workers rewrite their shared buffers every other group; batches kept for three epochs must still
-    hold the crops their locations name."""
-    loader = _loader(dataset, num_workers=2, samples_per_volume=2, label_probabilities={0: 1.0, 1: 1.0})
+@pytest.mark.parametrize("pin_memory", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="pinning needs CUDA"))])
+def test_batches_from_workers_survive_the_workers_reusing_their_buffers(dataset: dict, pin_memory: bool) -> None:
+    """Workers rewrite their shared buffers every few groups; batches kept for three epochs must still
+    hold the crops their locations name (copied out by the pin thread, or cloned without pinning)."""
+    loader = _loader(dataset, num_workers=2, samples_per_volume=2, label_probabilities={0: 1.0, 1: 1.0},
+                     pin_memory=pin_memory)
     kept = [batch for _ in range(3) for batch in loader]
     assert len(kept) == 3 * len(loader)
     volumes = {case_id: load_preprocessed(dataset["dir"], case_id)["image"].data for case_id in dataset["shapes"]}

@@ -257,7 +257,8 @@ class PatchBatchLoader(PrivateRngLoader):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         groups = super().__iter__()
-        if self.num_workers > 0 and not self.pin_memory:
+        # The DataLoader pins only where there is an accelerator; without a copy, clone.
+        if self.num_workers > 0 and not (self.pin_memory and torch.cuda.is_available()):
             groups = ([{key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
                        for batch in group] for group in groups)
         while window := list(islice(groups, self.mixed_groups)):
