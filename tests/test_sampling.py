@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from nnmamba.data.preprocess import load_preprocessed, prepare_dataset
 from nnmamba.data.augmentation import augmentation_transform
 from nnmamba.data.sampling import SubjectGroups, make_patch_loader, voxel_probabilities
 from nnmamba.data.synthetic import write_synthetic_brats
+from nnmamba.data.worker_buffers import TURNS
 
 SHAPE = (32, 32, 24)
 N_CASES = 4
@@ -196,12 +198,16 @@ def test_voxel_probabilities_match_torchios_label_sampler() -> None:
 @pytest.mark.parametrize("pin_memory", [False, pytest.param(True, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="pinning needs CUDA"))])
 def test_batches_from_workers_survive_the_workers_reusing_their_buffers(dataset: dict, pin_memory: bool) -> None:
-    """Workers rewrite their shared buffers every few groups; batches kept for three epochs must still
-    hold the crops their locations name (copied out by the pin thread, or cloned without pinning)."""
-    loader = _loader(dataset, num_workers=2, samples_per_volume=2, label_probabilities={0: 1.0, 1: 1.0},
-                     pin_memory=pin_memory)
-    kept = [batch for _ in range(3) for batch in loader]
-    assert len(kept) == 3 * len(loader)
+    """Workers rewrite their shared buffers every TURNS groups; batches kept for long enough that each
+    worker rewrote every set twice must still hold the crops their locations name (copied out by the
+    pin thread, or cloned without pinning)."""
+    workers, samples_per_volume = 2, 2
+    loader = _loader(dataset, num_workers=workers, samples_per_volume=samples_per_volume,
+                     label_probabilities={0: 1.0, 1: 1.0}, pin_memory=pin_memory)
+    groups_per_worker = len(loader) // samples_per_volume // workers  # per epoch
+    epochs = math.ceil((2 * TURNS + 1) / groups_per_worker)
+    kept = [batch for _ in range(epochs) for batch in loader]
+    assert len(kept) == epochs * len(loader)
     volumes = {case_id: load_preprocessed(dataset["dir"], case_id)["image"].data for case_id in dataset["shapes"]}
     for batch in kept:
         for image, location, case_id in zip(batch["image"], batch["location"], batch["case_id"]):
