@@ -46,12 +46,14 @@ class ArrayPatchDataset(Dataset):
     probability to :func:`resample_patch`, and a RandomFlip its axes and probability to the crop,
     which reads the flipped patch in the same pass (torchio would copy it once more); the others
     run on each patch, in place (each patch is a new subject). Labels keep the unpacked copy's
-    compact type. Cases are unpacked on first use, in whichever loader worker visits them first.
+    compact type. Cases are unpacked on first use, in whichever loader worker visits them first;
+    each worker checks a case's copy once (its stamp against the source files), not on every visit.
     """
 
     def __init__(self, cases: list[tuple[str, Path, Path]], unpacked_dir: Path, patch_size: tuple[int, int, int],
                  samples_per_volume: int, label_probabilities: dict[int, float] | None, augmentation: dict):
         self.cases, self.unpacked_dir = cases, Path(unpacked_dir)
+        self.unpacked: dict[int, UnpackedCase] = {}
         self.patch_size = np.asarray(patch_size)
         self.samples_per_volume = samples_per_volume
         self.label_probabilities = label_probabilities
@@ -67,7 +69,9 @@ class ArrayPatchDataset(Dataset):
         return len(self.cases)
 
     def __getitem__(self, index: int) -> list[tio.Subject]:
-        case = unpack_case(*self.cases[index], self.unpacked_dir)
+        if index not in self.unpacked:
+            self.unpacked[index] = unpack_case(*self.cases[index], self.unpacked_dir)
+        case = self.unpacked[index]
         image = np.load(case.image, mmap_mode="c")  # writable mapping, for torch views; never written
         label = np.load(case.label, mmap_mode="r")
         voxels = draw_voxels(case, np.load(case.voxels_by_label, mmap_mode="r"), self.label_probabilities,

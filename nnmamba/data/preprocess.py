@@ -91,7 +91,7 @@ def read_image_file(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     return torch.as_tensor(tio.data.io.check_uint_to_int(np.ascontiguousarray(data))), image.affine
 
 
-def _read_image(case_id: str, path: Path, image_type: type[tio.Image]) -> tio.Image:
+def read_image(case_id: str, path: Path, image_type: type[tio.Image]) -> tio.Image:
     """Load a file fully, turning any reader failure into one DataError."""
     with warnings.catch_warnings():
         # torchio warns before falling back from SimpleITK to NiBabel; the
@@ -108,7 +108,7 @@ def _read_image(case_id: str, path: Path, image_type: type[tio.Image]) -> tio.Im
 
 
 def _read_single_channel(case_id: str, path: Path) -> tio.ScalarImage:
-    image = _read_image(case_id, path, tio.ScalarImage)
+    image = read_image(case_id, path, tio.ScalarImage)
     if image.num_channels != 1:
         raise DataError(f"case {case_id}: {path} has {image.num_channels} channels, expected 1")
     bad = int((~torch.isfinite(image.data.to(torch.float32))).sum())
@@ -118,7 +118,7 @@ def _read_single_channel(case_id: str, path: Path) -> tio.ScalarImage:
 
 
 def _read_label(case_id: str, path: Path, label_values: Collection[int] | None) -> tio.LabelMap:
-    label = _read_image(case_id, path, tio.LabelMap)
+    label = read_image(case_id, path, tio.LabelMap)
     if label.num_channels != 1:
         raise DataError(f"case {case_id}: label {path} has {label.num_channels} channels, expected 1")
     values = torch.unique(label.data).tolist()

@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 import torchio as tio
 
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import read_image_file
+from nnmamba.data.preprocess import read_image
 
 FORMAT_VERSION = 1
 STAMP = "stamp.json"
@@ -101,34 +103,28 @@ def _write_arrays(case_id: str, image_path: Path, label_path: Path, directory: P
     # numpy's stable sort of small integer types is a radix sort: one pass over the volume.
     voxels_by_label = np.argsort(flat, kind="stable").astype(np.min_scalar_type(flat.size - 1))
     directory.mkdir(parents=True, exist_ok=True)
-    _save_atomically(directory / "image.npy", image.data.numpy().astype(np.float32, copy=False))
-    _save_atomically(directory / "label.npy", codes)
-    _save_atomically(directory / "voxels_by_label.npy", voxels_by_label)
+    for name, array in (("image.npy", image.data.numpy().astype(np.float32, copy=False)), ("label.npy", codes),
+                        ("voxels_by_label.npy", voxels_by_label)):
+        _write_atomically(directory / name, partial(np.save, arr=array))
     stamp = {"version": FORMAT_VERSION, "case_id": case_id, "sources": sources, "shape": list(image.spatial_shape),
              "label_counts": np.bincount(flat).tolist(), "spacing": [float(s) for s in image.spacing]}
-    temporary = directory / f".{STAMP}.{uuid.uuid4().hex}"
-    temporary.write_text(json.dumps(stamp))
-    os.replace(temporary, directory / STAMP)
+    _write_atomically(directory / STAMP, lambda path: path.write_text(json.dumps(stamp)))
     return stamp
 
 
 def _load(case_id: str, path: Path, image_type: type[tio.Image]) -> tio.Image:
-    try:
-        image = image_type(path, reader=read_image_file)  # NiBabel: raises on a truncated file
-        image.load()
-    # Readers fail in many types (RuntimeError, EOFError, zlib.error, OSError, ...) for a truncated file.
-    except Exception as error:
-        raise DataError(f"case {case_id}: cannot read {path}: {error}") from error
+    """``preprocess.read_image`` (NiBabel for NIfTI: a truncated file raises), then a check for NaN/inf."""
+    image = read_image(case_id, path, image_type)
     if image.data.is_floating_point() and not bool(torch.isfinite(image.data).all()):
         raise DataError(f"case {case_id}: {path} contains NaN/inf voxels")
     return image
 
 
-def _save_atomically(path: Path, array: np.ndarray) -> None:
-    """Write to a unique temporary name, then rename; a failed write (a full disk) leaves nothing behind."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.npy")
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a unique temporary name, then rename; a failed write (a full disk) leaves nothing behind."""
+    temporary = path.with_name(f".{uuid.uuid4().hex}.{path.name}")  # keeps the suffix: np.save adds none
     try:
-        np.save(temporary, array)
+        write(temporary)
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
