@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from collections.abc import Iterable
 from itertools import islice
@@ -53,6 +54,8 @@ def loader_batches(steps: int, seed: int, augmentation: dict) -> Iterable[dict[s
     from nnmamba.engine import repeat_batches
 
     root = Path(tempfile.mkdtemp(prefix="loss_curve_"))
+    # The training loader unpacks cases into a cache keyed by their path; these paths are temporary.
+    os.environ["NNMAMBA_UNPACKED_DIR"] = str(root / "unpacked")
     write_synthetic_brats(root / "raw", n_cases=8, shape=(48, 48, 40), seed=0)
     prepare_dataset(find_brats_cases(root / "raw"), root / "prepared", BRATS_LABELS, crop_margin=1, progress=False)
     cases = json.loads((root / "prepared" / "dataset.json").read_text())["cases"].values()

@@ -27,7 +27,7 @@ import torchio as tio
 
 from nnmamba.data.augmentation import augmentation_transform
 from nnmamba.data.sampling import (ContainingLabelSampler, PatchBatchLoader, PatchDrawingDataset, Stack,
-                                   case_id_of, patch_batch_loader, rank_shard, stack)
+                                   case_id_of, patch_batch_loader, plain_stack, rank_shard)
 from nnmamba.heatmaps import gaussian_heatmaps
 
 HEATMAPS = "heatmaps"
@@ -100,7 +100,7 @@ def make_heatmap_loader(
                               num_workers, seed, rank, world_size, pin_memory)
 
 
-def collate_heatmap_patches(patches: list[tio.Subject], stack: Stack = stack) -> dict[str, Any]:
+def collate_heatmap_patches(patches: list[tio.Subject], stack: Stack = plain_stack) -> dict[str, Any]:
     """Plain tensors instead of torchio's nested per-image dicts; the heatmaps are the ``label``."""
     return {
         "image": stack("image", [patch["image"].data for patch in patches], torch.float32),

@@ -32,6 +32,7 @@ Stack = Callable[[str, list[torch.Tensor], torch.dtype], torch.Tensor]
 # A group's batch from its patches, its tensors made by the given Stack.
 Collate = Callable[[list[tio.Subject], Stack], dict[str, Any]]
 
+
 class ContainingLabelSampler(tio.LabelSampler):
     """LabelSampler that can choose any voxel, borders included (nnU-Net's rule).
 
@@ -212,7 +213,7 @@ def groups_per_pass(subjects: int, batch_size: int, world_size: int) -> int:
     return math.ceil(math.ceil(subjects / world_size) / batch_size)
 
 
-def stack(name: str, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def plain_stack(name: str, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Tensors (of batch field ``name``) stacked along a new first dimension, as ``dtype``."""
     return torch.stack(tensors).to(dtype)
 
@@ -224,7 +225,7 @@ def batches_of_group(drawn: list[list[tio.Subject]], collate: Collate) -> list[d
     """
     positions = enumerate(zip(*drawn, strict=True))
     if get_worker_info() is None:
-        return [collate(list(patches), stack) for _, patches in positions]
+        return [collate(list(patches), plain_stack) for _, patches in positions]
     buffers = worker_batch_buffers()
     turn = buffers.next_turn()
     return [collate(list(patches), partial(buffers.stack, turn, position)) for position, patches in positions]
@@ -307,7 +308,7 @@ def case_id_of(path: Path) -> str:
     return Path(path.name.removesuffix(".gz")).stem
 
 
-def collate_patches(patches: list[tio.Subject], stack: Stack = stack,
+def collate_patches(patches: list[tio.Subject], stack: Stack = plain_stack,
                     image_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Plain tensors instead of torchio's nested per-image dicts; labels keep their compact type."""
     return {
