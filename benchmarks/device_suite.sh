@@ -50,7 +50,8 @@ for step in "$@"; do
         -q -rA -p no:cacheprovider --junitxml="$RES/gpu_tests.xml" ;;
     loader_tests) run_step loader_tests 200 "$SRC" branch python3 -m pytest tests/test_sampling.py \
         tests/test_array_patches.py tests/test_engine.py -q -rA -p no:cacheprovider --junitxml="$RES/loader_tests.xml" ;;
-    scan_ncu) run_step scan_ncu 200 "$SRC" branch ncu --kernel-name regex:selective_scan_ --launch-count 12 \
+    scan_ncu) run_step scan_ncu 200 "$SRC" branch ncu --kernel-name "regex:selective_scan_${NCU_PASS:-}" \
+        --launch-skip "${NCU_SKIP:-0}" --launch-count "${NCU_COUNT:-12}" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis python3 "$S/model_speed.py" --out "$RES/ncu_speed.json" --shapes amos \
         --variants miccss --configs bf16-cl --steps 1 --repeats 1 ;;
