@@ -193,8 +193,9 @@ def device_batches(batches: Iterable[Mapping[str, torch.Tensor]], device: torch.
                    memory_format: torch.memory_format) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(image, label) of each batch on `device`; on a GPU each copy overlaps the step before it.
 
-    A BraTS batch (2 x 4 x 128^3) is 19 MB as the patch loader hands it over (bf16 image, uint8
-    label), 67 MB as float32. Copied on the compute stream, every step would first wait for it. Here batch k+1 is copied on a side stream, issued before step k is handed
+    A BraTS batch (2 x 4 x 128^3) is 38 MB as the patch loader hands it over (bf16 image, uint8
+    label), 101 MB with a float32 image and int64 label. Copied on the compute stream, every step
+    would first wait for it. Here batch k+1 is copied on a side stream, issued before step k is handed
     out, and the compute stream waits only for that copy's event when it reaches step k+1. The
     copy is asynchronous when the loader pins its batches (`pin_memory`).
     """
