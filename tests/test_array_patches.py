@@ -67,6 +67,17 @@ def test_bad_cases_name_the_file(tmp_path: Path) -> None:
         unpack_case("case", image_path, other_grid, tmp_path / "unpacked")
     with pytest.raises(DataError, match="missing.nii.gz"):
         unpack_case("case", tmp_path / "missing.nii.gz", label_path, tmp_path / "unpacked")
+    nan_image = tmp_path / "nan.nii.gz"
+    data = tio.ScalarImage(image_path).data.clone()
+    data[1, 3, 4, 5] = float("nan")
+    tio.ScalarImage(tensor=data).save(nan_image)
+    with pytest.raises(DataError, match="nan.nii.gz contains 1 NaN/inf voxels"):
+        unpack_case("case", nan_image, label_path, tmp_path / "unpacked")
+    negative = tmp_path / "negative-label.nii.gz"
+    tio.LabelMap(tensor=-torch.ones(1, *SHAPE, dtype=torch.int16)).save(negative)
+    with pytest.raises(DataError, match="negative-label.nii.gz has negative values"):
+        unpack_case("case", image_path, negative, tmp_path / "unpacked")
+    assert not list((tmp_path / "unpacked").rglob("*.npy")), "a failed case left arrays behind"
 
 
 @pytest.mark.parametrize("weights", [{0: 0.5, 1: 2.0, 2: 0.0, 5: 1.0}, None])

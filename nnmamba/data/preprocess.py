@@ -107,14 +107,19 @@ def read_image(case_id: str, path: Path, image_type: type[tio.Image]) -> tio.Ima
     return image
 
 
-def _read_single_channel(case_id: str, path: Path) -> tio.ScalarImage:
-    image = read_image(case_id, path, tio.ScalarImage)
-    if image.num_channels != 1:
-        raise DataError(f"case {case_id}: {path} has {image.num_channels} channels, expected 1")
+def check_finite(case_id: str, path: Path, image: tio.Image) -> tio.Image:
+    """``image`` unchanged, or a DataError naming ``path`` and how many voxels are NaN/inf."""
     bad = int((~torch.isfinite(image.data.to(torch.float32))).sum())
     if bad:
         raise DataError(f"case {case_id}: {path} contains {bad} NaN/inf voxels")
     return image
+
+
+def _read_single_channel(case_id: str, path: Path) -> tio.ScalarImage:
+    image = read_image(case_id, path, tio.ScalarImage)
+    if image.num_channels != 1:
+        raise DataError(f"case {case_id}: {path} has {image.num_channels} channels, expected 1")
+    return check_finite(case_id, path, image)
 
 
 def _read_label(case_id: str, path: Path, label_values: Collection[int] | None) -> tio.LabelMap:

@@ -25,11 +25,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 import torchio as tio
 
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import read_image
+from nnmamba.data.preprocess import check_finite, read_image
 
 FORMAT_VERSION = 1
 STAMP = "stamp.json"
@@ -90,8 +89,8 @@ def _read_stamp(directory: Path) -> dict | None:
 
 def _write_arrays(case_id: str, image_path: Path, label_path: Path, directory: Path, sources: dict) -> dict:
     """Decompress both files, check they agree, and write the arrays, then the stamp, each atomically."""
-    image = _load(case_id, image_path, tio.ScalarImage)
-    label = _load(case_id, label_path, tio.LabelMap)
+    image = check_finite(case_id, image_path, read_image(case_id, image_path, tio.ScalarImage))
+    label = check_finite(case_id, label_path, read_image(case_id, label_path, tio.LabelMap))
     if label.num_channels != 1 or label.spatial_shape != image.spatial_shape:
         raise DataError(f"case {case_id}: label {label_path} has shape {tuple(label.shape)}, expected "
                         f"(1, {', '.join(map(str, image.spatial_shape))}) like {image_path}")
@@ -110,14 +109,6 @@ def _write_arrays(case_id: str, image_path: Path, label_path: Path, directory: P
              "label_counts": np.bincount(flat).tolist(), "spacing": [float(s) for s in image.spacing]}
     _write_atomically(directory / STAMP, lambda path: path.write_text(json.dumps(stamp)))
     return stamp
-
-
-def _load(case_id: str, path: Path, image_type: type[tio.Image]) -> tio.Image:
-    """``preprocess.read_image`` (NiBabel for NIfTI: a truncated file raises), then a check for NaN/inf."""
-    image = read_image(case_id, path, image_type)
-    if image.data.is_floating_point() and not bool(torch.isfinite(image.data).all()):
-        raise DataError(f"case {case_id}: {path} contains NaN/inf voxels")
-    return image
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
