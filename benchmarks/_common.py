@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,6 +37,12 @@ def machine() -> dict[str, Any]:
         except (ImportError, AttributeError, OSError):
             info[package] = None
     return info
+
+
+def paper_augmentation() -> dict[str, Any]:
+    """The ``augmentation`` dict of params.yaml's ``paper`` profile: the benchmarks time the paper's setting."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return params["profiles"]["paper"]["train"]["augmentation"]
 
 
 def code_version() -> str:

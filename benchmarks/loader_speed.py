@@ -26,7 +26,7 @@ import torch
 import torchio as tio
 from torch.utils.data import Dataset
 
-from _common import ResultFile
+from _common import ResultFile, paper_augmentation
 from nnmamba.data.sampling import PatchBatchLoader, case_id_of, collate_patches, make_patch_loader, patch_batch_loader
 from nnmamba.data.unpacked import unpack_case
 from nnmamba.data.worker_buffers import GROUPS_AHEAD
@@ -35,9 +35,7 @@ SHAPE = (240, 240, 155)
 BATCH, SAMPLES_PER_VOLUME, QUEUE_LENGTH = 2, 8, 64
 PATCH = (128, 128, 128)
 LABEL_PROBABILITIES = {0: 1, 1: 1, 2: 1, 3: 1}  # every label (background too) equally often
-# params.yaml, profile `paper`
-AUGMENTATION = {"flip_axes": [0, 1, 2], "flip_p": 0.5, "affine_p": 0.2, "scales": 0.1, "degrees": 10,
-                "gamma_p": 0.2, "noise_p": 0.1}
+AUGMENTATION = paper_augmentation()
 
 
 def write_case(directory: Path, index: int, suffix: str = ".nii.gz") -> tuple[Path, Path]:

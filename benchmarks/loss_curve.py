@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _common import code_version, machine, max_relative_difference
+from _common import code_version, machine, max_relative_difference, paper_augmentation
 
 
 def learnable_batches(steps: int, seed: int, classes: int = 4, size: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -41,8 +41,6 @@ def learnable_batches(steps: int, seed: int, classes: int = 4, size: int = 32) -
 
 
 FLIPS = {"flip_axes": [0, 1, 2], "flip_p": 0.5}
-# params.yaml, profile `paper`
-PAPER_AUGMENTATION = {**FLIPS, "affine_p": 0.2, "scales": 0.1, "degrees": 10, "gamma_p": 0.2, "noise_p": 0.1}
 
 
 def loader_batches(steps: int, seed: int, augmentation: dict) -> Iterable[dict[str, torch.Tensor]]:
@@ -125,7 +123,7 @@ def main() -> None:
     if args.compare:
         compare(args.compare, args.png)
         return
-    augmentation = PAPER_AUGMENTATION if args.paper_augmentation else FLIPS
+    augmentation = paper_augmentation() if args.paper_augmentation else FLIPS
     curves = {str(seed): train_curve(seed, args.steps, args.amp, args.loader, augmentation) for seed in args.seeds}
     args.out.write_text(json.dumps({"benchmark": "loss_curve", "code": code_version(), "amp": args.amp,
                                     "loader": args.loader, "augmentation": augmentation if args.loader else None,
