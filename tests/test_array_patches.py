@@ -157,6 +157,14 @@ def test_patch_affine_runs_per_patch_and_no_rotation_is_a_plain_crop(tmp_path: P
         assert torch.equal(b["label"].data, a["label"].data)
     rotated = patches({"affine_p": 1.0, "degrees": 30})
     assert not any(torch.equal(a["label"].data, b["label"].data) for a, b in zip(plain, rotated))
+
+    def is_plain_crop(patch: tio.Subject) -> bool:
+        i0, j0, k0, i1, j1, k1 = patch[tio.LOCATION].tolist()
+        return torch.equal(patch["image"].data, torch.from_numpy(volume[:, i0:i1, j0:j1, k0:k1]))
+
+    # Drawn per patch: one item (6 patches of one case) mixes plain crops and resampled patches.
+    coin = [is_plain_crop(patch) for patch in patches({"affine_p": 0.5, "degrees": 30})]
+    assert any(coin) and not all(coin)
     flip_all = {"flip_axes": [0, 1, 2], "flip_p": 1.0}
     for a, b, c in zip(plain, patches(flip_all), patches({**flip_all, **identity}), strict=True):
         assert torch.equal(b["image"].data, torch.flip(a["image"].data, dims=[1, 2, 3]))
