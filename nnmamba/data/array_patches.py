@@ -196,7 +196,7 @@ def resample_patch(image: np.ndarray, label: np.ndarray, origin: np.ndarray, pat
     label_region = torch.from_numpy(label[region].astype(np.float32))[None]
     image_patch = F.grid_sample(image_region, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     label_patch = F.grid_sample(label_region, grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
-    return image_patch, torch.from_numpy(label_patch[0].numpy().astype(label.dtype))[None]
+    return image_patch, torch.from_numpy(label_patch.numpy().astype(label.dtype))
 
 
 def _sampling_grid(centre: np.ndarray, region_shape: np.ndarray, patch_size: np.ndarray,
