@@ -13,7 +13,7 @@ def synthetic_batches(count: int, batch: int, in_channels: int, classes: int, sp
                       seed: int) -> list[dict[str, torch.Tensor]]:
     """`count` batches of float32 images and int64 label maps on the CPU, pinned when a GPU is present.
 
-    The shapes of `nnmamba.data.sampling.collate_patches`'s batches, in its widest types (the
+    The shapes of `nnmamba.data.loading.sampling.collate_patches`'s batches, in its widest types (the
     training loader hands over bf16 images and uint8 labels under bf16 autocast), so each step
     pays at least the host-to-device copy a real loader's batch costs.
     """

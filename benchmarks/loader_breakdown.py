@@ -1,6 +1,6 @@
 """Where a loader worker's time goes, per BraTS-size volume: alone and with as many workers as CPUs.
 
-The steps of one `nnmamba.data.array_patches.ArrayPatchDataset` item (`samples_per_volume`
+The steps of one `nnmamba.data.loading.array_patches.ArrayPatchDataset` item (`samples_per_volume`
 patches of one case), timed one by one on cases written by `loader_speed.write_case`: unpacking
 (once per case, not per visit), the whole item with the paper profile's augmentation, and its
 parts: label-weighted draw, plain crops, patch resampling forced on every patch (the item does it
@@ -27,9 +27,9 @@ import torch
 from _common import ResultFile
 from loader_speed import (AUGMENTATION, BATCH, LABEL_PROBABILITIES, PATCH, SAMPLES_PER_VOLUME, SHAPE,
                           write_case)
-from nnmamba.data.array_patches import ArrayPatchDataset, affine_matrix, draw_voxels, read_region, resample_patch
-from nnmamba.data.sampling import collate_patches
-from nnmamba.data.unpacked import unpack_case
+from nnmamba.data.loading.array_patches import ArrayPatchDataset, affine_matrix, draw_voxels, read_region, resample_patch
+from nnmamba.data.loading.sampling import collate_patches
+from nnmamba.data.loading.unpacked import unpack_case
 
 
 def step_times(paths: tuple[Path, Path]) -> dict[str, float]:

@@ -3,7 +3,7 @@
 Writes `--cases` synthetic preprocessed cases (4 x 240 x 240 x 155 float32 images, the uncropped
 BraTS size, i.e. the worst case, and label maps with tumour-like blobs) as .nii.gz, unpacks them
 (once per case, as training does on a case's first visit; timed apart), then times
-`nnmamba.data.sampling.make_patch_loader` (label-weighted patches, batch 2, page-locked batches
+`nnmamba.data.loading.sampling.make_patch_loader` (label-weighted patches, batch 2, page-locked batches
 when there is a GPU, as GPU training loads them) with the given worker counts and compares
 batches/s with the GPU's train steps/s (issue target: >= 1.5x).
 
@@ -27,9 +27,9 @@ import torchio as tio
 from torch.utils.data import Dataset
 
 from _common import ResultFile, paper_augmentation
-from nnmamba.data.sampling import PatchBatchLoader, case_id_of, collate_patches, make_patch_loader, patch_batch_loader
-from nnmamba.data.unpacked import unpack_case
-from nnmamba.data.worker_buffers import GROUPS_AHEAD
+from nnmamba.data.loading.sampling import PatchBatchLoader, case_id_of, collate_patches, make_patch_loader, patch_batch_loader
+from nnmamba.data.loading.unpacked import unpack_case
+from nnmamba.data.loading.worker_buffers import GROUPS_AHEAD
 
 SHAPE = (240, 240, 155)
 BATCH, SAMPLES_PER_VOLUME, QUEUE_LENGTH = 2, 8, 64

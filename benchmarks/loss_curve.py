@@ -45,10 +45,10 @@ FLIPS = {"flip_axes": [0, 1, 2], "flip_p": 0.5}
 
 def loader_batches(steps: int, seed: int, augmentation: dict) -> Iterable[dict[str, torch.Tensor]]:
     """`steps` batches of the training loader: 32^3 patches (batch 2) of 8 synthetic 4-channel BraTS cases."""
-    from nnmamba.data.brats import BRATS_LABELS, find_brats_cases
-    from nnmamba.data.preprocess import prepare_dataset
-    from nnmamba.data.sampling import make_patch_loader
-    from nnmamba.data.synthetic import write_synthetic_brats
+    from nnmamba.data.readers.brats import BRATS_LABELS, find_brats_cases
+    from nnmamba.data.preprocessing.preprocess import prepare_dataset
+    from nnmamba.data.loading.sampling import make_patch_loader
+    from nnmamba.data.synthetic.brats import write_synthetic_brats
     from nnmamba.engine import repeat_batches
 
     root = Path(tempfile.mkdtemp(prefix="loss_curve_"))

@@ -31,14 +31,14 @@ from tqdm import tqdm
 
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
-from nnmamba.data.nnunet import (
+from nnmamba.data.readers.nnunet import (
     CHANNEL_FILE,
     channel_file,
     channel_images,
     group_by_case,
 )
-from nnmamba.data.plan import Preprocessing
-from nnmamba.data.preprocess import load_case, preprocess_subject, to_raw_geometry
+from nnmamba.data.preprocessing.plan import Preprocessing
+from nnmamba.data.preprocessing.preprocess import load_case, preprocess_subject, to_raw_geometry
 from nnmamba.inference import predict_labels, sliding_window_predict
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")

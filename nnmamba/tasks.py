@@ -19,10 +19,10 @@ import torch
 import torchio as tio
 from torch import nn
 
-from nnmamba.data.heatmap_sampling import make_heatmap_loader
-from nnmamba.data.preprocess import DATASET_JSON, load_preprocessed
-from nnmamba.data.augmentation import augmentation_transform
-from nnmamba.data.sampling import (PrivateRngLoader, SubjectGroups, groups_per_pass,
+from nnmamba.data.loading.heatmap_sampling import make_heatmap_loader
+from nnmamba.data.preprocessing.preprocess import DATASET_JSON, load_preprocessed
+from nnmamba.data.loading.augmentation import augmentation_transform
+from nnmamba.data.loading.sampling import (PrivateRngLoader, SubjectGroups, groups_per_pass,
                                    make_patch_loader, rank_shard)
 from nnmamba.engine import amp_dtype, validation_dice
 from nnmamba.inference import class_probabilities, predict_landmarks

@@ -33,8 +33,8 @@ import torchio as tio
 from tqdm import tqdm
 
 from nnmamba.checkpoint import load_bundle
-from nnmamba.data.landmarks import read_landmarks, write_landmarks
-from nnmamba.data.preprocess import load_preprocessed
+from nnmamba.data.readers.landmarks import read_landmarks, write_landmarks
+from nnmamba.data.preprocessing.preprocess import load_preprocessed
 from nnmamba.inference import class_probabilities, predict_landmarks
 from nnmamba.metrics import classification_metrics, landmark_metrics, segmentation_metrics
 from nnmamba.predict import file_ending, segment_preprocessed

@@ -21,12 +21,12 @@ from pathlib import Path
 from nnmamba.complexity import TrainingMemory, measure_training_memory
 from nnmamba.data.cases import RawDataset
 from nnmamba.data.errors import DataError
-from nnmamba.data.fingerprint import dataset_fingerprint
-from nnmamba.data.landmark_preprocess import prepare_landmark_dataset
+from nnmamba.data.preprocessing.fingerprint import dataset_fingerprint
+from nnmamba.data.preprocessing.landmarks import prepare_landmark_dataset
 from nnmamba.data.layouts import get_layout
-from nnmamba.data.plan import PlanSettings, Preprocessing, make_plan
-from nnmamba.data.preprocess import prepare_dataset
-from nnmamba.data.whole_volume import prepare_classification_dataset
+from nnmamba.data.preprocessing.plan import PlanSettings, Preprocessing, make_plan
+from nnmamba.data.preprocessing.preprocess import prepare_dataset
+from nnmamba.data.preprocessing.whole_volume import prepare_classification_dataset
 from nnmamba.models import available_variants, build_model
 from pipelines.config import resolve_path, study_config
 

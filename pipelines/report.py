@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from nnmamba.data.landmarks import read_landmarks  # noqa: E402
+from nnmamba.data.readers.landmarks import read_landmarks  # noqa: E402
 from nnmamba.data.layouts import get_layout  # noqa: E402
 from nnmamba.heatmaps import world_to_voxel  # noqa: E402
 from pipelines.config import load_params, resolve_path, study_config  # noqa: E402

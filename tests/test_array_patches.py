@@ -12,10 +12,10 @@ import torchio as tio
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
-from nnmamba.data.array_patches import ArrayPatchDataset, draw_voxels, read_region, resample_patch, rotation_matrix
+from nnmamba.data.loading.array_patches import ArrayPatchDataset, draw_voxels, read_region, resample_patch, rotation_matrix
 from nnmamba.data.errors import DataError
-from nnmamba.data.sampling import voxel_probabilities
-from nnmamba.data.unpacked import unpack_case
+from nnmamba.data.loading.sampling import voxel_probabilities
+from nnmamba.data.loading.unpacked import unpack_case
 
 SHAPE = (20, 18, 16)
 

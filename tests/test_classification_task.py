@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnmamba.data.adni import find_adni_cases
-from nnmamba.data.synthetic_adni import write_synthetic_adni
-from nnmamba.data.whole_volume import prepare_classification_dataset
+from nnmamba.data.readers.adni import find_adni_cases
+from nnmamba.data.synthetic.adni import write_synthetic_adni
+from nnmamba.data.preprocessing.whole_volume import prepare_classification_dataset
 from nnmamba.models import build_model
 from nnmamba.tasks import get_task
 from pipelines.split import _apportion, classification_split, stratified_subject_split

@@ -10,17 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nnmamba.data.adni import find_adni_cases
+from nnmamba.data.readers.adni import find_adni_cases
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import load_preprocessed
-from nnmamba.data.synthetic_adni import (
+from nnmamba.data.preprocessing.preprocess import load_preprocessed
+from nnmamba.data.synthetic.adni import (
     HIPPOCAMPUS_CENTRE,
     HIPPOCAMPUS_SEMI,
     VENTRICLE_CENTRE,
     VENTRICLE_SEMI,
     write_synthetic_adni,
 )
-from nnmamba.data.whole_volume import prepare_classification_dataset
+from nnmamba.data.preprocessing.whole_volume import prepare_classification_dataset
 
 SHAPE, SPACING = (48, 48, 40), (1.0, 1.0, 1.2)
 SUBJECTS = {"NC": 6, "AD": 3, "sMCI": 3, "pMCI": 3}

@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nnmamba.data.abdomen_phantom import AMOS_LABELS
-from nnmamba.data.amos import amos_modality, read_amos_dataset
+from nnmamba.data.synthetic.abdomen_phantom import AMOS_LABELS
+from nnmamba.data.readers.amos import amos_modality, read_amos_dataset
 from nnmamba.data.errors import DataError
 from nnmamba.data.layouts import get_layout
-from nnmamba.data.synthetic_amos import write_synthetic_amos
+from nnmamba.data.synthetic.amos import write_synthetic_amos
 
 CASES = {"CT": {"imagesTr": 3, "imagesVa": 1, "imagesTs": 1}, "MR": {"imagesTr": 2, "imagesVa": 1, "imagesTs": 1}}
 FOV = (120.0, 96.0, 96.0)

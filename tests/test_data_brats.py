@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nnmamba.data.brats import BRATS_LABELS, BRATS_MODALITIES, brats_file, find_brats_cases
+from nnmamba.data.readers.brats import BRATS_LABELS, BRATS_MODALITIES, brats_file, find_brats_cases
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import load_case
-from nnmamba.data.synthetic import write_synthetic_brats
+from nnmamba.data.preprocessing.preprocess import load_case
+from nnmamba.data.synthetic.brats import write_synthetic_brats
 
 SHAPE = (28, 28, 22)
 

@@ -11,10 +11,10 @@ import pytest
 from scipy.ndimage import map_coordinates
 
 from nnmamba.data.errors import DataError
-from nnmamba.data.landmark_preprocess import prepare_landmark_dataset
-from nnmamba.data.landmarks import LANDMARK_NAMES, find_landmark_cases, read_landmarks
+from nnmamba.data.preprocessing.landmarks import prepare_landmark_dataset
+from nnmamba.data.readers.landmarks import LANDMARK_NAMES, find_landmark_cases, read_landmarks
 from nnmamba.data.layouts import get_layout
-from nnmamba.data.synthetic_fetal import write_synthetic_fetal
+from nnmamba.data.synthetic.fetal import write_synthetic_fetal
 from nnmamba.heatmaps import decode_heatmaps, world_to_voxel
 
 NAMES = ("A1", "B2")

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnmamba.data.dataset_json import read_dataset_json
+from nnmamba.data.readers.dataset_json import read_dataset_json
 from nnmamba.data.errors import DataError
 from nnmamba.data.layouts import get_layout
-from nnmamba.data.nnunet import read_nnunet_dataset
-from nnmamba.data.preprocess import load_case
-from nnmamba.data.synthetic_nnunet import NNUNET_CLASSES, write_synthetic_nnunet
+from nnmamba.data.readers.nnunet import read_nnunet_dataset
+from nnmamba.data.preprocessing.preprocess import load_case
+from nnmamba.data.synthetic.nnunet import NNUNET_CLASSES, write_synthetic_nnunet
 
 FOV = (96.0, 80.0, 78.0)
 SPACING = (0.8 * 3, 0.8 * 3, 6.5)  # strongly anisotropic, like 0.8 x 0.8 x 6.5 mm scans (coarser in-plane)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnmamba.data.heatmap_sampling import make_heatmap_loader
-from nnmamba.data.landmark_preprocess import prepare_landmark_dataset
-from nnmamba.data.landmarks import LANDMARK_NAMES, find_landmark_cases
-from nnmamba.data.synthetic_fetal import write_synthetic_fetal
+from nnmamba.data.loading.heatmap_sampling import make_heatmap_loader
+from nnmamba.data.preprocessing.landmarks import prepare_landmark_dataset
+from nnmamba.data.readers.landmarks import LANDMARK_NAMES, find_landmark_cases
+from nnmamba.data.synthetic.fetal import write_synthetic_fetal
 
 PATCH = (16, 16, 16)
 SIGMA = 3.0

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from mlflow.tracking import MlflowClient
 
-from nnmamba.data.abdomen_phantom import AMOS_LABELS
+from nnmamba.data.synthetic.abdomen_phantom import AMOS_LABELS
 from nnmamba.metrics import per_class_regions
 from pipelines.project_copy import fresh_project
 from tests.conftest import ablation_runs, run_in, same_geometry

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from nnmamba.complexity import _saved_activation_bytes, count_macs, measure_macs, measure_training_memory
-from nnmamba.data.abdomen_phantom import AMOS_LABELS
-from nnmamba.data.amos import read_amos_dataset
-from nnmamba.data.brats import BRATS_LABELS, find_brats_cases
+from nnmamba.data.synthetic.abdomen_phantom import AMOS_LABELS
+from nnmamba.data.readers.amos import read_amos_dataset
+from nnmamba.data.readers.brats import BRATS_LABELS, find_brats_cases
 from nnmamba.data.errors import DataError
-from nnmamba.data.fingerprint import dataset_fingerprint
-from nnmamba.data.plan import PlanSettings, Preprocessing, make_plan
-from nnmamba.data.synthetic import write_synthetic_brats
-from nnmamba.data.synthetic_amos import write_synthetic_amos
+from nnmamba.data.preprocessing.fingerprint import dataset_fingerprint
+from nnmamba.data.preprocessing.plan import PlanSettings, Preprocessing, make_plan
+from nnmamba.data.synthetic.brats import write_synthetic_brats
+from nnmamba.data.synthetic.amos import write_synthetic_amos
 from nnmamba.models import build_model
 
 SAMPLES = 500

@@ -20,8 +20,8 @@ from torch import nn
 
 from nnmamba.checkpoint import save_bundle
 from nnmamba.data.errors import DataError
-from nnmamba.data.synthetic_amos import write_synthetic_amos
-from nnmamba.data.synthetic_nnunet import write_synthetic_nnunet
+from nnmamba.data.synthetic.amos import write_synthetic_amos
+from nnmamba.data.synthetic.nnunet import write_synthetic_nnunet
 from nnmamba.models import build_model
 from nnmamba.predict import find_input_cases, predict_cases
 from pipelines.cli import main

@@ -12,17 +12,17 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from nnmamba.data.brats import BRATS_LABELS, BRATS_MODALITIES, brats_file, find_brats_cases
+from nnmamba.data.readers.brats import BRATS_LABELS, BRATS_MODALITIES, brats_file, find_brats_cases
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import (
+from nnmamba.data.preprocessing.preprocess import (
     load_case,
     load_preprocessed,
     prepare_dataset,
     preprocess_subject,
     to_raw_geometry,
 )
-from nnmamba.data.synthetic import write_synthetic_brats
+from nnmamba.data.synthetic.brats import write_synthetic_brats
 
 SHAPE = (32, 32, 24)
 SPACING = (1.0, 1.2, 1.5)  # anisotropic, so axis permutations must carry spacing along

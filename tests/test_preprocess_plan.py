@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import torchio as tio
 
 from nnmamba.data.cases import CaseFiles
-from nnmamba.data.nnunet import read_nnunet_dataset
-from nnmamba.data.plan import ChannelNormalization, Preprocessing
-from nnmamba.data.preprocess import load_case, load_preprocessed, prepare_dataset, preprocess_subject, to_raw_geometry
-from nnmamba.data.synthetic_nnunet import write_synthetic_nnunet
+from nnmamba.data.readers.nnunet import read_nnunet_dataset
+from nnmamba.data.preprocessing.plan import ChannelNormalization, Preprocessing
+from nnmamba.data.preprocessing.preprocess import load_case, load_preprocessed, prepare_dataset, preprocess_subject, to_raw_geometry
+from nnmamba.data.synthetic.nnunet import write_synthetic_nnunet
 from nnmamba.metrics import dice
 
 LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "kidney"}

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torchio as tio
 
-from nnmamba.data.brats import BRATS_LABELS, find_brats_cases
-from nnmamba.data.preprocess import load_preprocessed, prepare_dataset
-from nnmamba.data.augmentation import augmentation_transform
-from nnmamba.data.sampling import SubjectGroups, make_patch_loader, voxel_probabilities
-from nnmamba.data.synthetic import write_synthetic_brats
-from nnmamba.data.worker_buffers import TURNS
+from nnmamba.data.readers.brats import BRATS_LABELS, find_brats_cases
+from nnmamba.data.preprocessing.preprocess import load_preprocessed, prepare_dataset
+from nnmamba.data.loading.augmentation import augmentation_transform
+from nnmamba.data.loading.sampling import SubjectGroups, make_patch_loader, voxel_probabilities
+from nnmamba.data.synthetic.brats import write_synthetic_brats
+from nnmamba.data.loading.worker_buffers import TURNS
 
 SHAPE = (32, 32, 24)
 N_CASES = 4

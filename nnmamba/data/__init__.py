@@ -1,11 +1,11 @@
-"""Data: raw-layout readers, synthetic generators, preprocessing and patch sampling.
+"""Data: raw-layout readers, synthetic generators, preprocessing and training loaders.
 
-Layout-specific modules (``brats``, ``amos``, ``nnunet``, ``landmarks``, ``adni``, the
-``synthetic*`` generators) produce :class:`CaseFiles` (``ClassifiedCase`` for image-level
-labels); layout-agnostic modules (``fingerprint``, ``plan``, ``preprocess``, ``sampling``;
-``whole_volume`` for classification) consume them. Import the
-submodules directly; this package only re-exports the two types every layer shares,
-so importing it stays cheap (no torchio import).
+Subpackages by concern: ``readers`` (one module per raw layout, producing :class:`CaseFiles`,
+``ClassifiedCase`` for image-level labels), ``synthetic`` (a generator per layout, writing real
+files), ``preprocessing`` (fingerprint, plan, per-task preprocessing) and ``loading`` (training
+patches and batches). ``layouts`` names each layout's reader and generator. Import the submodules
+directly; this package only re-exports the two types every layer shares, so importing it stays
+cheap (no torchio import).
 """
 
 from nnmamba.data.cases import CaseFiles

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nnmamba.data.amos import read_amos_dataset
-from nnmamba.data.adni import ADNI_CHANNELS, ADNI_LABELS, find_adni_cases
-from nnmamba.data.brats import BRATS_LABELS, BRATS_MODALITIES, find_brats_cases
+from nnmamba.data.readers.amos import read_amos_dataset
+from nnmamba.data.readers.adni import ADNI_CHANNELS, ADNI_LABELS, find_adni_cases
+from nnmamba.data.readers.brats import BRATS_LABELS, BRATS_MODALITIES, find_brats_cases
 from nnmamba.data.cases import CaseFiles, RawDataset
-from nnmamba.data.landmarks import LANDMARK_CHANNELS, LANDMARK_NAMES, find_landmark_cases
-from nnmamba.data.nnunet import read_nnunet_dataset
+from nnmamba.data.readers.landmarks import LANDMARK_CHANNELS, LANDMARK_NAMES, find_landmark_cases
+from nnmamba.data.readers.nnunet import read_nnunet_dataset
 
 
 @dataclass(frozen=True)
@@ -47,31 +47,31 @@ class Layout:
 
 
 def _write_synthetic_brats(root: Path, **kwargs) -> list[str]:
-    from nnmamba.data.synthetic import write_synthetic_brats
+    from nnmamba.data.synthetic.brats import write_synthetic_brats
 
     return write_synthetic_brats(root, **kwargs)
 
 
 def _write_synthetic_amos(root: Path, **kwargs) -> list[str]:
-    from nnmamba.data.synthetic_amos import write_synthetic_amos
+    from nnmamba.data.synthetic.amos import write_synthetic_amos
 
     return write_synthetic_amos(root, **kwargs)
 
 
 def _write_synthetic_nnunet(root: Path, **kwargs) -> list[str]:
-    from nnmamba.data.synthetic_nnunet import write_synthetic_nnunet
+    from nnmamba.data.synthetic.nnunet import write_synthetic_nnunet
 
     return write_synthetic_nnunet(root, **kwargs)
 
 
 def _write_synthetic_fetal(root: Path, **kwargs) -> list[str]:
-    from nnmamba.data.synthetic_fetal import write_synthetic_fetal
+    from nnmamba.data.synthetic.fetal import write_synthetic_fetal
 
     return write_synthetic_fetal(root, **kwargs)
 
 
 def _write_synthetic_adni(root: Path, **kwargs) -> list[str]:
-    from nnmamba.data.synthetic_adni import write_synthetic_adni
+    from nnmamba.data.synthetic.adni import write_synthetic_adni
 
     return write_synthetic_adni(root, **kwargs)
 

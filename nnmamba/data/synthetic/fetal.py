@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from nnmamba.data.landmarks import (
+from nnmamba.data.readers.landmarks import (
     IMAGES_DIR,
     LANDMARK_NAMES,
     POINTS_DIR,
     POINTS_SUFFIX,
     write_landmarks,
 )
-from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
-from nnmamba.data.synthetic import smooth_field
+from nnmamba.data.synthetic.orientation import centred_ras_affine, write_oriented_nifti
+from nnmamba.data.synthetic.brats import smooth_field
 
 SYNTHETIC_CASE_ID = "fetal-{index:04d}"
 # On-disk orientations cycled over cases: identity, a flip of two axes, a permutation with flips.

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from nnmamba.data.cases import CaseFiles, RawDataset
-from nnmamba.data.dataset_json import DatasetDescription, read_dataset_json
+from nnmamba.data.readers.dataset_json import DatasetDescription, read_dataset_json
 from nnmamba.data.errors import DataError
 
 # Image folder -> the split the dataset assigns its cases to. Cases of training and

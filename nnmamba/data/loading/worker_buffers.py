@@ -13,7 +13,7 @@ a group (one new task per group taken, workers served in turn). So the set a gro
 into is written again only after the main process has taken in that group and the next
 ``GROUPS_AHEAD - 1`` of the same worker; by then it has copied the group out of shared memory:
 pinned copies made by the DataLoader's pin thread before a group is taken in, or clones made as
-soon as it is taken in (:class:`~nnmamba.data.sampling.PatchBatchLoader`).
+soon as it is taken in (:class:`~nnmamba.data.loading.sampling.PatchBatchLoader`).
 """
 
 from __future__ import annotations

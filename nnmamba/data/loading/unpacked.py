@@ -5,7 +5,7 @@ BraTS-size case costs ~1.7 s, and the patch loader visits every case hundreds of
 each case is unpacked once into ``.npy`` arrays that are memory-mapped from then on
 (nnU-Net's ``unpack_dataset`` does the same). Alongside the arrays goes the case's voxel
 order sorted by label, from which a voxel of a given label is drawn in O(1)
-(:mod:`nnmamba.data.array_patches`).
+(:mod:`nnmamba.data.loading.array_patches`).
 
 The copies live outside the dataset directory (it is a DVC output): under
 ``$NNMAMBA_UNPACKED_DIR``, else ``$XDG_CACHE_HOME/nnmamba/unpacked`` (``~/.cache/...``). A copy
@@ -28,7 +28,7 @@ import numpy as np
 import torchio as tio
 
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import check_finite, read_image
+from nnmamba.data.preprocessing.preprocess import check_finite, read_image
 
 FORMAT_VERSION = 1
 STAMP = "stamp.json"

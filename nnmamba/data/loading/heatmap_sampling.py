@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torchio as tio
 
-from nnmamba.data.augmentation import augmentation_transform
-from nnmamba.data.sampling import (ContainingLabelSampler, PatchBatchLoader, PatchDrawingDataset, Stack,
+from nnmamba.data.loading.augmentation import augmentation_transform
+from nnmamba.data.loading.sampling import (ContainingLabelSampler, PatchBatchLoader, PatchDrawingDataset, Stack,
                                    case_id_of, patch_batch_loader, plain_stack, rank_shard)
 from nnmamba.heatmaps import gaussian_heatmaps
 

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nnmamba.data.cases import CaseFiles, RawDataset
-from nnmamba.data.dataset_json import read_dataset_json
+from nnmamba.data.readers.dataset_json import read_dataset_json
 from nnmamba.data.errors import DataError
-from nnmamba.data.nnunet import SUBSET_OF_FOLDER, image_files, label_file
+from nnmamba.data.readers.nnunet import SUBSET_OF_FOLDER, image_files, label_file
 
 AMOS_MR_FIRST_ID = 500
 AMOS_MODALITIES = ("CT", "MR")

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torchio as tio
 
-from nnmamba.data.orientation import centred_ras_affine, reorient_from_ras
-from nnmamba.data.synthetic import smooth_field
+from nnmamba.data.synthetic.orientation import centred_ras_affine, reorient_from_ras
+from nnmamba.data.synthetic.brats import smooth_field
 
 # AMOS 2022 label values and names (its dataset.json).
 AMOS_LABELS: dict[int, str] = {

@@ -4,8 +4,8 @@ Per case visit (one loader item), ``samples_per_volume`` patches; for each:
 
 1. a voxel is drawn by label: a label's ``label_probabilities`` weight is shared by its
    voxels and labels absent from the case drop out (torchio ``LabelSampler``'s rule), in O(1)
-   from the case's voxels sorted by label (:mod:`nnmamba.data.unpacked`);
-2. the patch is placed around it as :class:`~nnmamba.data.sampling.ContainingLabelSampler`
+   from the case's voxels sorted by label (:mod:`nnmamba.data.loading.unpacked`);
+2. the patch is placed around it as :class:`~nnmamba.data.loading.sampling.ContainingLabelSampler`
    does, in the case zero-padded to at least the patch size as torchio's ``CropOrPad`` pads;
 3. with probability ``affine_p`` the patch is resampled through a random rotation and scaling
    about its centre (torchio ``RandomAffine``'s parameter ranges and draws; trilinear image,
@@ -32,9 +32,9 @@ import torchio as tio
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from nnmamba.data.augmentation import augmentation_transform
+from nnmamba.data.loading.augmentation import augmentation_transform
 from nnmamba.data.errors import DataError
-from nnmamba.data.unpacked import UnpackedCase, unpack_case
+from nnmamba.data.loading.unpacked import UnpackedCase, unpack_case
 
 
 class ArrayPatchDataset(Dataset):

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnmamba.data.adni import ADNI_DIAGNOSES, MANIFEST_NAME, adni_case_id
-from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
-from nnmamba.data.synthetic import (
+from nnmamba.data.readers.adni import ADNI_DIAGNOSES, MANIFEST_NAME, adni_case_id
+from nnmamba.data.synthetic.orientation import centred_ras_affine, write_oriented_nifti
+from nnmamba.data.synthetic.brats import (
     BACKGROUND,
     CSF,
     SYNTHETIC_ORIENTATIONS,

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from nnmamba.data.brats import BRATS_SEG, brats_file
-from nnmamba.data.orientation import centred_ras_affine, write_oriented_nifti
+from nnmamba.data.readers.brats import BRATS_SEG, brats_file
+from nnmamba.data.synthetic.orientation import centred_ras_affine, write_oriented_nifti
 
 # Odd cases use the second orientation so canonical reorientation (flips AND an
 # axis permutation) is exercised: LPS is what BraTS ships, PIR a sagittal-like one.

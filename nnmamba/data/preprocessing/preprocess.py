@@ -5,7 +5,7 @@ Works for any number of channels and any label set: a layout reader hands over
 normalised, foreground-cropped and (where the plan says so) resampled subject, and
 records the geometry needed to put a prediction back onto the raw image grid
 (``to_raw_geometry``). What normalisation and which spacing come from a
-:class:`~nnmamba.data.plan.Preprocessing`; without one, BraTS's head-mask z-score at
+:class:`~nnmamba.data.preprocessing.plan.Preprocessing`; without one, BraTS's head-mask z-score at
 native spacing.
 """
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
-from nnmamba.data.plan import ChannelNormalization, Preprocessing
+from nnmamba.data.preprocessing.plan import ChannelNormalization, Preprocessing
 
 # Two files of one case count as the same grid when their affines agree to this
 # (mm for origins, unitless for direction*spacing): NIfTI stores qform

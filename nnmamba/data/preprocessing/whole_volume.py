@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from nnmamba.data.cases import ClassifiedCase
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, staged_directory
+from nnmamba.data.preprocessing.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, staged_directory
 
 MASK_KEY = "head"
 

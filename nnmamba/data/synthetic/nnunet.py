@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnmamba.data.abdomen_phantom import ct_intensities, mr_intensities, paint_abdomen, save_oriented
-from nnmamba.data.dataset_json import DATASET_JSON
+from nnmamba.data.synthetic.abdomen_phantom import ct_intensities, mr_intensities, paint_abdomen, save_oriented
+from nnmamba.data.readers.dataset_json import DATASET_JSON
 
 # The dataset's classes and the phantom organs (AMOS labels) each is made of.
 NNUNET_CLASSES: dict[str, tuple[int, ...]] = {"liver": (6,), "spleen": (1,), "kidney": (2, 3)}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnmamba.data.abdomen_phantom import (
+from nnmamba.data.synthetic.abdomen_phantom import (
     AMOS_LABELS,
     ct_intensities,
     mr_intensities,
@@ -23,9 +23,9 @@ from nnmamba.data.abdomen_phantom import (
     paint_abdomen,
     save_oriented,
 )
-from nnmamba.data.amos import AMOS_FILE_ENDING, AMOS_MR_FIRST_ID
-from nnmamba.data.dataset_json import DATASET_JSON
-from nnmamba.data.nnunet import SUBSET_OF_FOLDER
+from nnmamba.data.readers.amos import AMOS_FILE_ENDING, AMOS_MR_FIRST_ID
+from nnmamba.data.readers.dataset_json import DATASET_JSON
+from nnmamba.data.readers.nnunet import SUBSET_OF_FOLDER
 
 ORIENTATIONS = (("R", "A", "S"), ("L", "P", "S"))
 FIRST_ID = {"CT": 1, "MR": AMOS_MR_FIRST_ID}

@@ -1,9 +1,9 @@
 """Training patches: label-weighted draws, augmentation, batches made in loader workers, sharded over ranks.
 
 Layout-agnostic: any number of channels, any label set. Segmentation patches come from
-memory-mapped unpacked cases and are augmented patch by patch (:mod:`nnmamba.data.array_patches`);
+memory-mapped unpacked cases and are augmented patch by patch (:mod:`nnmamba.data.loading.array_patches`);
 landmark heatmap patches are drawn by :class:`ContainingLabelSampler` from whole volumes augmented
-by torchio (:mod:`nnmamba.data.heatmap_sampling`). Both are batched in the loader's worker
+by torchio (:mod:`nnmamba.data.loading.heatmap_sampling`). Both are batched in the loader's worker
 processes and dealt to DDP ranks by :class:`PatchBatchLoader`.
 """
 
@@ -22,9 +22,9 @@ import torch
 import torchio as tio
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from nnmamba.data.array_patches import ArrayPatchDataset
-from nnmamba.data.unpacked import default_unpacked_dir
-from nnmamba.data.worker_buffers import GROUPS_AHEAD, worker_batch_buffers
+from nnmamba.data.loading.array_patches import ArrayPatchDataset
+from nnmamba.data.loading.unpacked import default_unpacked_dir
+from nnmamba.data.loading.worker_buffers import GROUPS_AHEAD, worker_batch_buffers
 
 T = TypeVar("T")
 # How a batch's tensors are stacked: stack(field name, tensors, dtype).
@@ -168,7 +168,7 @@ class PatchDrawingDataset(tio.SubjectsDataset):
     draws patches and collates batches in the main process, one volume after the other: 5.8
     batches/s of BraTS-size volumes with 16 workers, against 10.4 this way
     (benchmarks/results/h200_v3/loader_speed*.json; both overstated by a short warm-up);
-    segmentation now uses the faster :class:`~nnmamba.data.array_patches.ArrayPatchDataset`.
+    segmentation now uses the faster :class:`~nnmamba.data.loading.array_patches.ArrayPatchDataset`.
     """
 
     def __init__(self, subjects: list[tio.Subject], transform: tio.Transform, sampler: tio.PatchSampler,
@@ -237,7 +237,7 @@ class PatchBatchLoader(PrivateRngLoader):
     A worker fetches one group (``batch_size`` subjects), draws ``samples_per_volume`` patches
     from each and collates them into ``samples_per_volume`` batches, each with one patch of
     every subject of the group; so the main process only receives finished batches (through
-    the worker's reused shared memory, :mod:`nnmamba.data.worker_buffers`, which is why a group
+    the worker's reused shared memory, :mod:`nnmamba.data.loading.worker_buffers`, which is why a group
     is copied out as soon as it arrives: into pinned memory by the DataLoader with
     ``pin_memory``, else cloned here). Batches of ``mixed_groups`` consecutive groups are
     shuffled together, as torchio's Queue mixes patches of several volumes. Workers persist

@@ -5,7 +5,7 @@ case), shape before and after cropping to the nonzero region, a seeded random sa
 intensities inside the labelled foreground per channel, and voxel counts per label. Over the
 dataset: median spacing and cropped shape, the median fraction of the image the crop keeps,
 foreground intensity statistics per channel (mean, std, median, 0.5/99.5 percentiles, min,
-max) and class frequencies. The plan (``nnmamba.data.plan``) derives target spacing,
+max) and class frequencies. The plan (``nnmamba.data.preprocessing.plan``) derives target spacing,
 normalisation, patch and batch size from it.
 
 Only labelled cases count (the foreground is defined by the labels); the fingerprint is taken
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocess import bounding_box, load_case, nonzero_mask
+from nnmamba.data.preprocessing.preprocess import bounding_box, load_case, nonzero_mask
 
 PERCENTILES = {"percentile_00_5": 0.5, "percentile_99_5": 99.5}
 

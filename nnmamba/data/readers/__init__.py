@@ -1,0 +1,5 @@
+"""Readers of the raw dataset layouts (BraTS 2023, AMOS 2022, nnU-Net v2 / MSD, landmarks, ADNI).
+
+Each turns its folder convention into :class:`~nnmamba.data.cases.CaseFiles` (``ClassifiedCase``
+for image-level labels) and validates what it lists; ``nnmamba.data.layouts`` names them.
+"""
