@@ -10,10 +10,13 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from nnmamba.data.loading.augmentation import Augmentation
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,10 +42,16 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def paper_augmentation() -> dict[str, Any]:
-    """The ``augmentation`` dict of params.yaml's ``paper`` profile: the benchmarks time the paper's setting."""
+def paper_augmentation() -> Augmentation:
+    """The augmentation of params.yaml's ``paper`` profile: the benchmarks time the paper's setting.
+
+    nnmamba is imported here, not at the top: some benchmarks import this module before the repo is on sys.path.
+    """
+    from nnmamba.data.loading.augmentation import Augmentation
+
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    return params["profiles"]["paper"]["train"]["augmentation"]
+    section = params["profiles"]["paper"]["train"]["augmentation"]
+    return Augmentation(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
 
 
 def code_version() -> str:

@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def main() -> None:
                               itertools.repeat(args.suffix)))
     results = ResultFile(args.out, {"benchmark": "loader_breakdown", "volume": [4, *SHAPE], "patch": list(PATCH),
                                     "samples_per_volume": SAMPLES_PER_VOLUME, "batch": BATCH,
-                                    "augmentation": AUGMENTATION, "suffix": args.suffix, "unit": "s per volume"})
+                                    "augmentation": asdict(AUGMENTATION), "suffix": args.suffix, "unit": "s per volume"})
     alone = mean_times([step_times(case) for case in cases[:2]])
     results.add({"processes": 1, **alone})
     print("alone   ", {k: round(v, 3) for k, v in alone.items()}, flush=True)

@@ -18,6 +18,7 @@ import math
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def main() -> None:
         pairs = list(pool.map(write_case, itertools.repeat(directory), range(args.cases), itertools.repeat(args.suffix)))
     results = ResultFile(args.out, {"benchmark": "loader_speed", "volume": [4, *SHAPE], "patch": list(PATCH),
                                     "batch": BATCH, "samples_per_volume": SAMPLES_PER_VOLUME, "queue_length": QUEUE_LENGTH,
-                                    "augmentation": AUGMENTATION, "cases": args.cases, "subjects": args.subjects, "suffix": args.suffix,
+                                    "augmentation": asdict(AUGMENTATION), "cases": args.cases, "subjects": args.subjects, "suffix": args.suffix,
                                     "gpu_step_ms": args.gpu_step_ms, "write_cases_s": time.perf_counter() - started})
     unpacked_dir = directory / "unpacked"
     started = time.perf_counter()

@@ -20,12 +20,14 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 
 import torch
 
 from _common import code_version, machine, max_relative_difference, paper_augmentation
+from nnmamba.data.loading.augmentation import Augmentation
 
 
 def learnable_batches(steps: int, seed: int, classes: int = 4, size: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -40,10 +42,10 @@ def learnable_batches(steps: int, seed: int, classes: int = 4, size: int = 32) -
     return batches
 
 
-FLIPS = {"flip_axes": [0, 1, 2], "flip_p": 0.5}
+FLIPS = Augmentation(flip_axes=(0, 1, 2), flip_p=0.5)
 
 
-def loader_batches(steps: int, seed: int, augmentation: dict) -> Iterable[dict[str, torch.Tensor]]:
+def loader_batches(steps: int, seed: int, augmentation: Augmentation) -> Iterable[dict[str, torch.Tensor]]:
     """`steps` batches of the training loader: 32^3 patches (batch 2) of 8 synthetic 4-channel BraTS cases."""
     from nnmamba.data.readers.brats import BRATS_LABELS, find_brats_cases
     from nnmamba.data.preprocessing.preprocess import prepare_dataset
@@ -64,7 +66,7 @@ def loader_batches(steps: int, seed: int, augmentation: dict) -> Iterable[dict[s
     return islice(repeat_batches(loader), steps)
 
 
-def train_curve(seed: int, steps: int, amp: str, through_loader: bool, augmentation: dict) -> list[float]:
+def train_curve(seed: int, steps: int, amp: str, through_loader: bool, augmentation: Augmentation) -> list[float]:
     from nnmamba.engine import amp_dtype, build_optimizer, train_epoch
     from nnmamba.losses import build_loss
     from nnmamba.models import build_model
@@ -126,7 +128,7 @@ def main() -> None:
     augmentation = paper_augmentation() if args.paper_augmentation else FLIPS
     curves = {str(seed): train_curve(seed, args.steps, args.amp, args.loader, augmentation) for seed in args.seeds}
     args.out.write_text(json.dumps({"benchmark": "loss_curve", "code": code_version(), "amp": args.amp,
-                                    "loader": args.loader, "augmentation": augmentation if args.loader else None,
+                                    "loader": args.loader, "augmentation": asdict(augmentation) if args.loader else None,
                                     "steps": args.steps, "curves": curves, "machine": machine()}, indent=2))
     print({seed: [round(x, 4) for x in curve[::10]] for seed, curve in curves.items()})
 

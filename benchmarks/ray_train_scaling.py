@@ -25,10 +25,13 @@ mode's 1 GPU: "graph" (`train.cuda_graph: true`, the whole DDP step replayed as 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -40,6 +43,7 @@ import torch
 from _common import ResultFile, seconds_since, stamp_cuda_start, stamp_first_collective
 from _synthetic import BATCH, CLASSES, IN_CHANNELS, PATCH, segmentation_batches
 from pipelines.cluster import WORKER_ENV
+from pipelines.params import TrialSpec, load_params
 
 TASK = "segmentation-in-memory"
 
@@ -57,24 +61,25 @@ class StampedBatches:
 
 
 def _register_in_memory_task(phases: dict[str, float]) -> None:
-    """Add TASK to the task registry of this worker process: in-memory batches, no validation data."""
-    from nnmamba.losses import build_loss
-    from nnmamba.tasks import TASKS, TrainingTask
+    """Add TASK to the task registry of this worker process: the segmentation task with in-memory
+    batches and no validation data (a module of its own, as the registry imports tasks by module)."""
+    from pipelines.tasks import TASK_MODULES, get_task
 
-    def loader(dataset_dir, index, case_ids, train, seed, rank, world_size):
+    def loader(study, dataset_dir, index, case_ids, seed, rank, world_size, pin_memory=False):
         phases["model_on_gpu_in_train_loop"] = time.time()
-        batches = segmentation_batches(seed + rank, train["batch_size"], tuple(train["patch_size"]))
+        batches = segmentation_batches(seed + rank, study.train.batch_size, tuple(study.train.patch_size))
         return StampedBatches(batches, phases.setdefault("batch_times", []))
 
-    TASKS[TASK] = TrainingTask(
-        name=TASK, selection_metric="val_constant", selection_mode="max", train_loader=loader,
-        loss=lambda train: build_loss("segmentation"), validate=lambda *args: [],
-        summarise=lambda records: {"val_constant": 0.0},
-    )
+    module = types.ModuleType(f"benchmark_{TASK.replace('-', '_')}")
+    module.TASK = dataclasses.replace(get_task("segmentation"), name=TASK, selection_metric="val_constant",
+                                      train_loader=loader, validate=lambda *args: [],
+                                      summarise=lambda records: {"val_constant": 0.0})
+    sys.modules[module.__name__] = module
+    TASK_MODULES[TASK] = module.__name__
 
 
-def timed_train_loop(trial: dict) -> None:
-    """train_loop with each start-up phase stamped; stamps go to trial['phase_dir'] as one JSON per rank."""
+def timed_train_loop(config: dict) -> None:
+    """train_loop with each start-up phase stamped; stamps go to config['phase_dir'] as one JSON per rank."""
     phases = {"process_start": psutil.Process().create_time(), "train_function_entered": time.time()}
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
@@ -84,49 +89,54 @@ def timed_train_loop(trial: dict) -> None:
     from pipelines.train_worker import train_loop
 
     phases["train_loop_entered"] = time.time()
-    train_loop(trial)
+    train_loop(config)
     phases["train_loop_done"] = time.time()
-    out = Path(trial["phase_dir"]) / f"world{context.get_world_size()}_rank{context.get_world_rank()}.json"
+    out = Path(config["phase_dir"]) / f"world{context.get_world_size()}_rank{context.get_world_rank()}.json"
     out.write_text(json.dumps({**phases, "env": {k: os.environ.get(k) for k in (
         "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", *WORKER_ENV)}}))
 
 
 def trial_config(dataset_dir: Path, phase_dir: Path, epochs: int, steps: int, smoke: bool, cuda_graph: bool) -> dict:
-    """The dict `train_loop` expects from the train stage: the paper's segmentation setting, or a tiny CPU one."""
-    train = {"epochs": epochs, "steps_per_epoch": steps, "batch_size": BATCH, "patch_size": list(PATCH),
-             "optimizer": {"name": "adam", "lr": 0.002, "weight_decay": 0.001}, "amp": "bf16",
+    """What the train stage gives `train_loop`, a TrialSpec (params.yaml's brats2023 study on the
+    benchmark task: the paper's segmentation setting, or a tiny CPU one), plus where phases go."""
+    study = load_params().study("brats2023")
+    train = {"epochs": epochs, "steps_per_epoch": steps, "batch_size": BATCH, "patch_size": PATCH, "amp": "bf16",
              "channels_last": True, "cuda_graph": cuda_graph, "val_every": 1000}
-    kwargs = {}
+    model = study.model.model_copy(update={"base_channels": 32, "blocks_per_stage": 3})
     if smoke:
-        train.update(patch_size=[32, 32, 32], amp="none", channels_last=False)
-        kwargs = {"base_channels": 4, "blocks_per_stage": 2}
-    return {"config": {"task": TASK, "train": train}, "dataset_dir": str(dataset_dir), "train_cases": [],
-            "val_cases": [], "seed": 0, "phase_dir": str(phase_dir), "init_dir": None,
-            "arch": {"task": "segmentation", "variant": "miccss", "in_channels": IN_CHANNELS, "out_channels": CLASSES,
-                     "kwargs": kwargs}}
+        train.update(patch_size=(32, 32, 32), amp="none", channels_last=False)
+        model = study.model.model_copy(update={"base_channels": 4, "blocks_per_stage": 2})
+    study = study.model_copy(update={"task": TASK, "train": study.train.model_copy(update=train), "model": model})
+    trial = TrialSpec(study=study, variant="miccss", seed=0, digest="benchmark", storage_path="", dataset_dir=str(dataset_dir),
+                      train_cases=(), val_cases=(), init_dir=None, prediction=None,
+                      arch={"task": "segmentation", "variant": "miccss", "in_channels": IN_CHANNELS,
+                            "out_channels": CLASSES, "kwargs": model.kwargs()})
+    return {"trial": trial, "phase_dir": str(phase_dir)}
 
 
-def run(gpus: int, trial: dict, storage: Path, use_gpu: bool) -> dict:
+def run(gpus: int, config: dict, storage: Path, use_gpu: bool) -> dict:
     """One TorchTrainer fit on `gpus` workers; samples/s from rank 0's batch timestamps after the first epoch."""
     from ray.train.torch import TorchTrainer
 
     started = time.time()
-    train = trial["config"]["train"]
+    train = config["trial"].study.train
     trainer = TorchTrainer(
-        timed_train_loop, train_loop_config=trial,
+        timed_train_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=gpus, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": 2, "GPU": 1} if use_gpu else {"CPU": 1}),
-        run_config=ray.train.RunConfig(name=f"scaling-{gpus}gpu-{'graph' if train['cuda_graph'] else 'eager'}", storage_path=str(storage),
+        run_config=ray.train.RunConfig(name=f"scaling-{gpus}gpu-{'graph' if train.cuda_graph else 'eager'}",
+                                       storage_path=str(storage),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
     finished = time.time()
-    phases = [json.loads(p.read_text()) for p in sorted(Path(trial["phase_dir"]).glob(f"world{gpus}_rank*.json"))]
-    step_seconds = steady_step_seconds(phases[0]["batch_times"], train["steps_per_epoch"]) if phases else []
+    phases = [json.loads(p.read_text()) for p in sorted(Path(config["phase_dir"]).glob(f"world{gpus}_rank*.json"))]
+    step_seconds = steady_step_seconds(phases[0]["batch_times"], train.steps_per_epoch) if phases else []
     relative = [seconds_since(p, "train_function_entered") for p in phases]
     mean_step = sum(step_seconds) / len(step_seconds) if step_seconds else None
-    return {"gpus": gpus, "cuda_graph": train["cuda_graph"], "fit_wall_s": finished - started, "steady_step_s_per_epoch": step_seconds,
-            "samples_per_s": gpus * train["batch_size"] / mean_step if mean_step else None,
+    return {"gpus": gpus, "cuda_graph": train.cuda_graph, "fit_wall_s": finished - started,
+            "steady_step_s_per_epoch": step_seconds,
+            "samples_per_s": gpus * train.batch_size / mean_step if mean_step else None,
             "worker_phases_s_since_train_function_entered": relative,
             "worker_process_start_s_after_fit_start": [round(p["process_start"] - started, 3) for p in phases],
             "train_function_entered_s_after_fit_start": [round(p["train_function_entered"] - started, 3)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from _common import REPO, code_version, machine
 
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from pipelines.project_copy import fresh_project  # noqa: E402
+from project_copy import fresh_project  # noqa: E402
 
 STAGE_LINE = re.compile(r"Running stage '(?P<stage>[^']+)'")
 

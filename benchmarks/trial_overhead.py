@@ -35,10 +35,10 @@ import ray
 
 from _common import REPO, code_version, machine
 
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from pipelines.config import apply_preset, deep_merge  # noqa: E402
-from pipelines.project_copy import copy_project, write_params  # noqa: E402
+from pipelines.params import apply_preset, deep_merge  # noqa: E402
+from project_copy import copy_project, write_params  # noqa: E402
 
 SETTINGS = {
     "watcher+no-reuse": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}, "reuse_actors": False},
@@ -118,7 +118,7 @@ def main() -> None:
         "machine": {**machine(), "ray": ray.__version__},
         "code": code_version(),
         "trials": trials,
-        "max_concurrent_trials": apply_preset({"preset": "cpu-debug"})["max_concurrent_trials"],
+        "max_concurrent_trials": apply_preset({"preset": "cpu-debug"}, REPO / "params.yaml")[0]["max_concurrent_trials"],
         "load_average_1min": {"min": min(load), "max": max(load)},
         "settings": {
             name: {

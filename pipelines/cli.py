@@ -38,10 +38,10 @@ def _from_registry(uri: str, device: torch.device, tracking_uri: str | None) -> 
     """Download a registered model; the bundle's JSON files travel in its `extra_files/`."""
     import mlflow  # lazy: predicting from a bundle folder needs no MLflow
 
-    from pipelines.config import load_params
+    from pipelines.params import load_params
     from pipelines.tracking import tracking_uri as default_tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri(load_params()))
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri(load_params().mlflow))
     with tempfile.TemporaryDirectory() as directory:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=directory)
         model = mlflow.pytorch.load_model(local, map_location=device)

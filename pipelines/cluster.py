@@ -7,6 +7,8 @@ import os
 
 import ray
 
+from pipelines.params import RaySpec
+
 # Variables every Ray process must see; NVLink multicast stays off on shared GPU hosts.
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -15,9 +17,9 @@ WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", 
 SUBMITTED_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def worker_env(config: dict) -> dict[str, str]:
+def worker_env(settings: RaySpec) -> dict[str, str]:
     """Environment of every Ray worker: WORKER_ENV plus the scaling preset's `ray.env_vars`."""
-    return {**WORKER_ENV, **{key: str(value) for key, value in config["ray"].get("env_vars", {}).items()}}
+    return {**WORKER_ENV, **settings.env_vars}
 
 
 def submitted_job_env() -> dict[str, str]:
@@ -26,18 +28,18 @@ def submitted_job_env() -> dict[str, str]:
     return (job_config.get("runtime_env") or {}).get("env_vars") or {}
 
 
-def driver_runtime_env(config: dict) -> dict | None:
+def driver_runtime_env(settings: RaySpec) -> dict | None:
     """The runtime_env this driver passes to ray.init: the worker variables a submitted job lacks.
 
     Variables the submitted job's runtime_env already sets keep the job's value (Ray refuses a
     driver runtime_env that repeats them); the others are added to it.
     """
     job_env = submitted_job_env()
-    env = {key: value for key, value in worker_env(config).items() if key not in job_env}
+    env = {key: value for key, value in worker_env(settings).items() if key not in job_env}
     return {"env_vars": env} if env else None
 
 
-def connect_ray(config: dict) -> None:
+def connect_ray(settings: RaySpec) -> None:
     """Join the cluster in RAY_ADDRESS (or `ray.address` in params), else start a local Ray.
 
     Jobs submitted with `ray job submit` find RAY_ADDRESS set by Ray itself, so the same stage
@@ -45,8 +47,8 @@ def connect_ray(config: dict) -> None:
     """
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or config["ray"].get("address")
-    runtime_env = driver_runtime_env(config)
+    address = os.environ.get("RAY_ADDRESS") or settings.address
+    runtime_env = driver_runtime_env(settings)
     if address and "://" not in address and address not in ("auto", "local"):
         # Ray Train's placement-group cleaner looks actors up by the cluster address; without one it
         # picks the most recently started Ray on the host, and on a host running several clusters

@@ -1,51 +1,29 @@
-"""A study's `auto` settings made concrete from its prepared dataset, for every stage that trains or predicts.
+"""A study's dataset-dependent settings made concrete from its prepared dataset, for every stage
+that trains, predicts or reports.
 
 - `train.patch_size: auto` / `train.batch_size: auto`: the plan's (`data/preprocessed/<study>/plan.json`);
   explicit values still win.
-- `train.label_probabilities: uniform`: every label of the dataset, background included, equally
-  likely as the centre of a patch (nnU-Net-style oversampling of rare organs).
-- no `evaluate.regions`: one region per foreground class of the dataset, named after dataset.json
-  (organ datasets report `test_dice_<organ>`; BraTS names its overlapping regions explicitly).
+- then the task's own (`Task.resolve`): for segmentation, `train.label_probabilities: uniform`
+  (every label of the dataset equally likely as a patch centre) and, without `evaluate.regions`,
+  one region per foreground class named after dataset.json.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from nnmamba.metrics import per_class_regions
-from pipelines.config import resolve_path
-from pipelines.prepare import PLAN_FILE, PREPROCESSED_ROOT
-
-AUTO = "auto"
+from pipelines import workspace
+from pipelines.params import AUTO, StudySpec
+from pipelines.tasks import get_task
 
 
-def prepared_dir(study: str) -> Path:
-    return resolve_path(PREPROCESSED_ROOT) / study
-
-
-def load_plan(study: str) -> dict | None:
-    """The study's plan, or None for studies that are not planned."""
-    path = prepared_dir(study) / PLAN_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def resolve_study(config: dict) -> dict:
-    """A copy of the study config with `auto`/`uniform`/missing regions replaced (see the module doc)."""
-    study = config["study"]
-    plan = load_plan(study)
-    train = dict(config["train"])
+def resolve_study(study: StudySpec) -> StudySpec:
+    """The study with `auto` settings replaced (see the module doc)."""
+    plan = workspace.load_plan(study.name)
+    update = {}
     for key in ("patch_size", "batch_size"):
-        if train.get(key) == AUTO:
+        if getattr(study.train, key) == AUTO:
             if plan is None:
-                raise ValueError(f"study {study}: train.{key} is 'auto' but the study has no plan ({PLAN_FILE})")
-            train[key] = plan[key]
-    if config["task"] != "segmentation":
-        return {**config, "train": train}
-    index = json.loads((prepared_dir(study) / "dataset.json").read_text())
-    if train.get("label_probabilities") == "uniform":
-        train["label_probabilities"] = {int(value): 1 for value in index["labels"]}
-    evaluate = dict(config["evaluate"])
-    if not evaluate.get("regions"):
-        evaluate["regions"] = per_class_regions(index["labels"])
-    return {**config, "train": train, "evaluate": evaluate}
+                raise ValueError(f"study {study.name}: train.{key} is 'auto' but the study has no plan "
+                                 f"({workspace.path(workspace.PLAN, study=study.name)})")
+            update[key] = tuple(plan[key]) if key == "patch_size" else plan[key]
+    study = study.model_copy(update={"train": study.train.model_copy(update=update)})
+    return get_task(study.task).resolve(study, workspace.load_index(study.name))

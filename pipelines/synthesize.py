@@ -12,23 +12,18 @@ import argparse
 import shutil
 
 from nnmamba.data.layouts import get_layout
-from pipelines.config import load_params, resolve_path
-
-SYNTHETIC_ROOT = "data/raw/synthetic"
+from pipelines import workspace
+from pipelines.params import load_params
 
 
 def synthesize(name: str) -> list[str]:
     """Regenerate `data/raw/synthetic/<name>` from `synthetic.<name>` in params.yaml."""
-    spec = dict(load_params()["synthetic"][name])
-    layout = get_layout(spec.pop("layout"))
-    out = resolve_path(SYNTHETIC_ROOT) / name
+    spec = load_params().synthetic[name]
+    layout = get_layout(spec.layout)
+    out = workspace.path(workspace.SYNTHETIC, name=name)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if "shape" in spec:
-        spec["shape"] = tuple(spec["shape"])
-    if "spacing" in spec:
-        spec["spacing"] = tuple(spec["spacing"])
-    cases = layout.write_synthetic(tmp, **spec)
+    cases = layout.write_synthetic(tmp, **spec.options())
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"synthesize: wrote {len(cases)} {layout.name} cases to {out}")

@@ -8,30 +8,43 @@ continues its parent and child runs instead of duplicating them.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import resolve_path
+from pipelines import workspace
+from pipelines.params import MlflowSpec, StudySpec
+from pipelines.tasks import get_task
 
-TASK_PREFIX = {"segmentation": "seg", "classification": "cls", "landmark": "landmark"}
 
-
-def tracking_uri(config: Mapping) -> str:
+def tracking_uri(settings: MlflowSpec) -> str:
     """MLFLOW_TRACKING_URI wins; a relative sqlite path in params.yaml is taken from the workspace."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config["mlflow"]["tracking_uri"]
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(resolve_path(uri[len(prefix):]))
+        uri = prefix + str(workspace.resolve(uri[len(prefix):]))
     return uri
 
 
-def experiment_name(config: Mapping) -> str:
+def experiment_name(study: StudySpec) -> str:
     """`nnmamba-<task>-<dataset>`, or the study's own `dataset.experiment` when it sets one."""
-    dataset = config["dataset"]
-    return dataset.get("experiment") or f"nnmamba-{TASK_PREFIX[config['task']]}-{dataset['name']}"
+    return study.dataset.experiment or f"nnmamba-{get_task(study.task).mlflow_prefix}-{study.dataset.name}"
+
+
+def git_commit() -> str:
+    """The commit the code ran at (with '-dirty' when the tree has changes), or 'unknown' outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace.REPO_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=workspace.REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -49,16 +62,16 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class StudyRuns:
     """Find-or-create the parent and child runs of one study's ablation in one experiment."""
 
-    def __init__(self, config: Mapping, config_digest: str):
-        self.uri = tracking_uri(config)
+    def __init__(self, study: StudySpec, config_digest: str):
+        self.uri = tracking_uri(study.mlflow)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        name = experiment_name(config)
+        name = experiment_name(study)
         experiment = self.client.get_experiment_by_name(name)
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-        self.study = config["study"]
-        self.task = config["task"]
-        self.dataset = config["dataset"]["name"]
+        self.study = study.name
+        self.task = study.task
+        self.dataset = study.dataset.name
         self.digest = config_digest
 
     def _find(self, tags: Mapping[str, str]) -> str | None:
@@ -109,3 +122,13 @@ class StudyRuns:
             for key, value in metrics.items()
         ]
         self.client.log_batch(run_id, metrics=entities)
+
+
+def attach_to_parent_run(study: StudySpec, files: list[Path]) -> None:
+    """Log report files into the study's MLflow parent run, when the study has been trained."""
+    if not workspace.path(workspace.TRIALS, study=study.name).is_file():
+        return
+    trials = workspace.load_trials(study.name)
+    runs = StudyRuns(study, trials["config_hash"])
+    for file in files:
+        runs.client.log_artifact(trials["parent_run_id"], str(file), artifact_path="report")

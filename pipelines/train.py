@@ -1,6 +1,8 @@
 """DVC stage `train@<study>`: the ablation study, variants x seeds, as a Ray Tune grid.
 
-Each Tune trial launches its own Ray Train TorchTrainer (workers and GPUs from params.yaml).
+Each grid point is a `TrialSpec` (pipelines/params.py), assembled in one place (`trial_specs`);
+the Tune grid runs over that list, and each Tune trial launches its own Ray Train TorchTrainer
+(workers and GPUs from params.yaml) whose workers receive the TrialSpec.
 Metrics flow worker -> Tune -> this driver, which alone writes MLflow (parent run for the
 ablation, one child run per trial). Afterwards the best checkpoint of every trial (by validation
 score) is exported to `models/<study>/<variant>-seed<seed>/` and logged as an MLflow model.
@@ -25,6 +27,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -37,124 +40,114 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, WEIGHTS_FILE, load_bundle, save_bundle
 from nnmamba.models import available_variants
-from nnmamba.tasks import get_task
+from pipelines import workspace
 from pipelines.cluster import connect_ray
-from pipelines.config import (
-    WORKSPACE_ENV, config_hash, git_commit, resolve_path, study_config, workspace_root, write_json,
-)
-from pipelines.prepare import PREPROCESSED_ROOT
-from pipelines.resolve import load_plan, resolve_study
-from pipelines.split import SPLITS_ROOT
-from pipelines.tracking import StudyRuns, experiment_name, flatten
-from pipelines.train_worker import STATE_FILE, selection, train_loop
+from pipelines.params import StudySpec, TrialSpec, load_params
+from pipelines.resolve import resolve_study
+from pipelines.tasks import get_task
+from pipelines.tracking import StudyRuns, experiment_name, flatten, git_commit
+from pipelines.train_worker import STATE_FILE, train_loop
 
-MODELS_ROOT = "models"
-METRICS_ROOT = "metrics"
 SCRATCH_INIT = "nnmamba/models.py"
-TRIALS_FILE = "trials.json"
 
 
-def trial_dir_name(variant: str, seed: int) -> str:
-    return f"{variant}-seed{seed}"
+def config_hash(config: Any) -> str:
+    """A short stable digest, used to tell one training configuration's runs from another's."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def load_trials(study: str) -> dict:
-    """What train@<study> recorded: its MLflow parent run, config digest and one row per exported trial."""
-    return json.loads((resolve_path(MODELS_ROOT) / study / TRIALS_FILE).read_text())
-
-
-def init_models(config: dict) -> Path | None:
+def init_models(study: StudySpec) -> Path | None:
     """The models folder a transfer study starts from, or None for a study trained from scratch."""
-    if config["init"] == SCRATCH_INIT:
+    if study.init == SCRATCH_INIT:
         return None
-    path = resolve_path(config["init"])
-    if not (path / TRIALS_FILE).is_file():
-        raise ValueError(f"study {config['study']}: init {config['init']!r} is neither {SCRATCH_INIT!r} (train from "
-                         f"scratch) nor a models/<study> folder written by train@<study> (no {TRIALS_FILE} in {path})")
+    path = workspace.resolve(study.init)
+    trials = Path(workspace.TRIALS).name
+    if not (path / trials).is_file():
+        raise ValueError(f"study {study.name}: init {study.init!r} is neither {SCRATCH_INIT!r} (train from "
+                         f"scratch) nor a models/<study> folder written by train@<study> (no {trials} in {path})")
     return path
 
 
-def init_fingerprint(config: dict) -> str | None:
+def init_fingerprint(study: StudySpec) -> str | None:
     """Digest of the upstream weights a transfer study starts from (None from scratch).
 
     Part of the configuration digest, so retrained upstream models give new trial runs instead of
     resuming the old ones. Fails early, naming the trial, if the upstream study lacks a (variant, seed).
     """
-    upstream = init_models(config)
+    upstream = init_models(study)
     if upstream is None:
         return None
     digest = hashlib.sha256()
-    for variant in config["train"]["variants"]:
-        for seed in config["train"]["seeds"]:
-            weights = upstream / trial_dir_name(variant, seed) / WEIGHTS_FILE
+    for variant in study.train.variants:
+        for seed in study.train.seeds:
+            weights = upstream / workspace.trial_name(variant, seed) / WEIGHTS_FILE
             if not weights.is_file():
-                raise ValueError(f"study {config['study']}: no upstream model for {variant} seed {seed} "
+                raise ValueError(f"study {study.name}: no upstream model for {variant} seed {seed} "
                                  f"({weights} is missing); train the same variants and seeds in {upstream.name}")
             digest.update(weights.read_bytes())
     return digest.hexdigest()[:10]
 
 
-def trial_plan(config: dict) -> dict:
-    """Everything a trial needs that does not depend on (variant, seed): paths, split, architecture."""
-    study = config["study"]
-    dataset_dir = resolve_path(PREPROCESSED_ROOT) / study
-    split_file = resolve_path(SPLITS_ROOT) / f"{study}.json"
-    for needed in (dataset_dir / "dataset.json", split_file):
-        if not needed.is_file():
-            raise FileNotFoundError(
-                f"{needed}: study {study!r} has no prepared data in workspace {workspace_root()}; run "
-                f"`dvc repro split@{study}` there, or set {WORKSPACE_ENV} to the checkout that holds data/"
-            )
-    index = json.loads((dataset_dir / "dataset.json").read_text())
-    split = json.loads(split_file.read_text())
-    upstream = init_models(config)
-    return {
-        "config": config,
-        "dataset_dir": str(dataset_dir),
-        "train_cases": split["train"],
-        "val_cases": split["val"],
-        "init_models": str(upstream) if upstream else None,
-        "arch": {
-            "task": config["task"],
-            "in_channels": len(index["channels"]),
-            # One output channel per label (segmentation) or per landmark heatmap.
-            "out_channels": len(index["labels"] if "labels" in index else index["landmarks"]),
-            "kwargs": config["model"],
-        },
-        "prediction": prediction_record(config, index),
-    }
+def study_digest(study: StudySpec) -> str:
+    """The digest of everything a trial's result depends on but its (variant, seed).
+
+    A new plan (spacing, normalisation) or new upstream weights must not resume old trials.
+    """
+    identity = {**study.identity(), "plan": workspace.load_plan(study.name),
+                "init": {"from": study.init, "weights": init_fingerprint(study)}}
+    return config_hash(identity)
 
 
-def prediction_record(config: dict, index: dict) -> dict | None:
+def prediction_record(study: StudySpec, index: dict) -> dict | None:
     """What `nnmamba predict` needs besides the weights (saved in every bundle); None for unplanned studies."""
-    plan = load_plan(config["study"])
+    plan = workspace.load_plan(study.name)
     if plan is None:
         return None
-    return {"task": config["task"], "channels": index["channels"], "labels": index["labels"], "plan": plan,
-            "patch_size": config["train"]["patch_size"], "overlap": config["evaluate"]["overlap"]}
+    return {"task": study.task, "channels": index["channels"], "labels": index["labels"], "plan": plan,
+            "patch_size": list(study.train.patch_size), "overlap": study.evaluate.overlap}
 
 
-def build_trainer(trial: dict, callbacks: list) -> TorchTrainer:
+def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialSpec]:
+    """Every (variant, seed) of the study's grid, made runnable: the one place a trial is assembled."""
+    index, split = workspace.load_index(study.name), workspace.load_split(study.name)
+    upstream = init_models(study)
+    arch = {
+        "task": study.task,
+        "in_channels": len(index["channels"]),
+        # One output channel per label (segmentation, classification) or per landmark heatmap.
+        "out_channels": len(index["labels"] if "labels" in index else index["landmarks"]),
+        "kwargs": study.model.kwargs(),
+    }
+    return [
+        TrialSpec(study=study, variant=variant, seed=seed, digest=digest, storage_path=storage_path,
+                  dataset_dir=str(workspace.path(workspace.PREPROCESSED, study=study.name)),
+                  train_cases=split["train"], val_cases=split["val"],
+                  init_dir=str(upstream / workspace.trial_name(variant, seed)) if upstream else None,
+                  arch={**arch, "variant": variant}, prediction=prediction_record(study, index))
+        for variant in study.train.variants for seed in study.train.seeds
+    ]
+
+
+def build_trainer(trial: TrialSpec, callbacks: list) -> TorchTrainer:
     """The Ray Train run of one (variant, seed): DDP workers, placement, storage and failure policy from params.
 
     A run with the same name and storage path restores that run's latest checkpoint.
     """
-    config = trial["config"]
-    ray_cfg, task = config["ray"], get_task(config["task"])
-    metric, mode = selection(task, bool(trial["val_cases"]))
+    ray_spec = trial.study.ray
+    metric, mode = get_task(trial.study.task).selection(bool(trial.val_cases))
     return TorchTrainer(
         train_loop,
-        train_loop_config=trial,
+        train_loop_config={"trial": trial},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=ray_cfg["num_workers"],
-            use_gpu=ray_cfg["use_gpu"],
-            resources_per_worker=ray_cfg["resources_per_worker"],
-            placement_strategy=ray_cfg["placement_strategy"],
+            num_workers=ray_spec.num_workers,
+            use_gpu=ray_spec.use_gpu,
+            resources_per_worker=dict(ray_spec.resources_per_worker),
+            placement_strategy=ray_spec.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=trial["run_name"],
-            storage_path=trial["storage_path"],
-            failure_config=ray.train.FailureConfig(max_failures=ray_cfg["max_failures"]),
+            name=trial.run_name,
+            storage_path=trial.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=ray_spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
@@ -163,9 +156,10 @@ def build_trainer(trial: dict, callbacks: list) -> TorchTrainer:
     )
 
 
-def run_trial(trial: dict) -> None:
+def run_trial(config: dict) -> None:
     """A Tune function trainable: one Ray Train run for one (variant, seed); resumes by run name."""
-    metric, mode = selection(get_task(trial["config"]["task"]), bool(trial["val_cases"]))
+    trial: TrialSpec = config["trial"]
+    metric, mode = get_task(trial.study.task).selection(bool(trial.val_cases))
     result = build_trainer(trial, [TuneReportCallback()]).fit()
     better = max if mode == "max" else min
     best_checkpoint, best_metrics = better(result.best_checkpoints, key=lambda pair: pair[1][metric])
@@ -188,9 +182,8 @@ class MLflowTrialCallback(ray.tune.Callback):
         self.run_ids: dict[str, str] = {}
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_ids[trial.trial_id] = self.runs.child(
-            self.parent_id, trial.config["variant"], trial.config["seed"], self.params
-        )
+        spec: TrialSpec = trial.config["trial"]
+        self.run_ids[trial.trial_id] = self.runs.child(self.parent_id, spec.variant, spec.seed, self.params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items()
@@ -205,62 +198,53 @@ class MLflowTrialCallback(ray.tune.Callback):
         self.runs.client.set_terminated(self.run_ids[trial.trial_id], "FAILED")
 
 
-def export_trial(result, plan: dict, out_dir: Path, run_id: str, register_as: str | None) -> dict:
+def export_trial(result, trial: TrialSpec, out_dir: Path, run_id: str, register_as: str | None) -> dict:
     """Copy the trial's best weights to `out_dir`, log them as an MLflow PyTorch model, return a summary row."""
     checkpoint = ray.train.Checkpoint(result.metrics["best_checkpoint_path"])
-    variant, seed = result.config["variant"], result.config["seed"]
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    save_bundle(out_dir, {**plan["arch"], "variant": variant}, state["model"], plan["prediction"])
+    save_bundle(out_dir, trial.arch, state["model"], trial.prediction)
     model, arch = load_bundle(out_dir)
-    task = get_task(plan["config"]["task"])
-    example = torch.zeros(1, arch["in_channels"], *task.input_shape(plan["config"])).numpy()
+    task = get_task(trial.study.task)
+    example = torch.zeros(1, arch["in_channels"], *task.input_shape(trial.study)).numpy()
     # The bundle's JSON files travel with the MLflow model, so `nnmamba predict --model models:/...` works.
     extra_files = [str(out_dir / name) for name in (ARCH_FILE, PREDICTION_FILE) if (out_dir / name).is_file()]
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
                                  serialization_format="pickle", extra_files=extra_files)
-    metric, _ = selection(task, bool(plan["val_cases"]))
-    return {"variant": variant, "seed": seed, "run_id": run_id, "model_dir": str(out_dir),
+    metric, _ = task.selection(bool(trial.val_cases))
+    return {"variant": trial.variant, "seed": trial.seed, "run_id": run_id, "model_dir": str(out_dir),
             f"best_{metric}": result.metrics[f"best_{metric}"], "best_epoch": result.metrics["best_epoch"]}
 
 
-def train(study: str) -> list[dict]:
-    """Run the study's ablation grid and export its models; returns one summary row per trial."""
-    config = resolve_study(study_config(study))
-    train_cfg, metric = config["train"], get_task(config["task"]).selection_metric
-    unknown = [v for v in train_cfg["variants"] if v not in available_variants(config["task"])]
+def check_variants(study: StudySpec) -> None:
+    unknown = [v for v in study.train.variants if v not in available_variants(study.task)]
     if unknown:
-        raise ValueError(f"study {study}: variants {unknown} are not {config['task']} variants "
-                         f"(known: {list(available_variants(config['task']))}); set studies.{study}.train.variants")
-    identity = {k: config[k] for k in ("dataset", "prepare", "split", "model")}
-    identity["train"] = {k: v for k, v in train_cfg.items() if k not in ("variants", "seeds")}
-    identity["plan"] = load_plan(study)  # a new plan (spacing, normalisation) must not resume old trials
-    identity["init"] = {"from": config["init"], "weights": init_fingerprint(config)}
-    digest = config_hash(identity)
-    plan = trial_plan(config)
-    runs = StudyRuns(config, digest)
-    params = {**flatten({"train": train_cfg, "model": config["model"]}), "git_commit": git_commit()}
-    parent_id = runs.parent(params)
-    connect_ray(config)
+        raise ValueError(f"study {study.name}: variants {unknown} are not {study.task} variants "
+                         f"(known: {list(available_variants(study.task))}); set studies.{study.name}.train.variants")
 
-    storage = config["ray"]["storage_path"]
-    storage = storage if "://" in storage else str(resolve_path(storage))
-    param_space = {
-        **plan,
-        "variant": ray.tune.grid_search(train_cfg["variants"]),
-        "seed": ray.tune.grid_search(train_cfg["seeds"]),
-        "storage_path": storage,
-        "digest": digest,
-    }
-    trainable = ray.tune.with_resources(_trial_entry, {"cpu": 0, "memory": 1e6})
+
+def train(name: str) -> list[dict]:
+    """Run the study's ablation grid and export its models; returns one summary row per trial."""
+    study = resolve_study(load_params().study(name))
+    check_variants(study)
+    digest = study_digest(study)
+    storage = study.ray.storage_path
+    storage = storage if "://" in storage else str(workspace.resolve(storage))
+    trials = trial_specs(study, digest, storage)
+    runs = StudyRuns(study, digest)
+    params = {**flatten({"train": study.train.model_dump(mode="json", exclude_none=True),
+                         "model": study.model.kwargs()}), "git_commit": git_commit()}
+    parent_id = runs.parent(params)
+    connect_ray(study.ray)
+
     tuner = ray.tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=config["ray"]["max_concurrent_trials"],
-                                        reuse_actors=config["ray"].get("reuse_actors", False)),
+        ray.tune.with_resources(run_trial, {"cpu": 0, "memory": 1e6}),
+        param_space={"trial": ray.tune.grid_search(trials)},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=study.ray.max_concurrent_trials,
+                                        reuse_actors=study.ray.reuse_actors),
         run_config=ray.tune.RunConfig(
-            name=f"{study}-{digest}-tune",
+            name=f"{name}-{digest}-tune",
             storage_path=storage,
             callbacks=[MLflowTrialCallback(runs, parent_id, params)],
             verbose=1,
@@ -271,19 +255,21 @@ def train(study: str) -> list[dict]:
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(results)} trials failed; first error: {errors[0]}")
 
-    models_dir = resolve_path(MODELS_ROOT) / study
+    models_dir = workspace.path(workspace.MODELS, study=name)
     shutil.rmtree(models_dir, ignore_errors=True)
     children = runs.children(parent_id)
-    register = config["mlflow"]["register_models"]
+    register = study.mlflow.register_models
     rows = []
-    for result in sorted(results, key=lambda r: (r.config["variant"], r.config["seed"])):
-        variant, seed = result.config["variant"], result.config["seed"]
+    for result in sorted(results, key=lambda r: (r.config["trial"].variant, r.config["trial"].seed)):
+        trial: TrialSpec = result.config["trial"]
         # Registered names are `<experiment>-<variant>`, e.g. nnmamba-seg-brats2023-miccss.
-        name = f"{experiment_name(config)}-{variant}" if register else None
-        rows.append(export_trial(result, plan, models_dir / trial_dir_name(variant, seed),
-                                 children[(variant, seed)], name))
-    write_json(models_dir / TRIALS_FILE, {"parent_run_id": parent_id, "config_hash": digest, "trials": rows})
-    write_curves(runs, rows, metric, resolve_path(METRICS_ROOT) / study / "train_curves.csv")
+        registered = f"{experiment_name(study)}-{trial.variant}" if register else None
+        rows.append(export_trial(result, trial, models_dir / trial.name, children[(trial.variant, trial.seed)],
+                                 registered))
+    workspace.write_json(workspace.path(workspace.TRIALS, study=name),
+                         {"parent_run_id": parent_id, "config_hash": digest, "trials": rows})
+    write_curves(runs, rows, get_task(study.task).selection_metric,
+                 workspace.path(workspace.TRAIN_CURVES, study=name))
     return rows
 
 
@@ -296,23 +282,10 @@ def write_curves(runs: StudyRuns, rows: list[dict], metric: str, path: Path) -> 
             for key in ("train_loss", metric)
         }
         frame = pd.DataFrame(history).rename_axis("epoch").reset_index()
-        frame.insert(0, "trial", trial_dir_name(row["variant"], row["seed"]))
+        frame.insert(0, "trial", workspace.trial_name(row["variant"], row["seed"]))
         frames.append(frame)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.concat(frames).to_csv(path, index=False)
-
-
-def resolve_trial(trial: dict) -> dict:
-    """One grid point made runnable: its Ray Train run named by study, variant, seed and config
-    digest (so a re-run resumes it), and the variant put into the architecture record."""
-    variant, seed = trial["variant"], trial["seed"]
-    run_name = f"{trial['config']['study']}-{variant}-seed{seed}-{trial['digest']}"
-    init_dir = str(Path(trial["init_models"]) / trial_dir_name(variant, seed)) if trial["init_models"] else None
-    return {**trial, "run_name": run_name, "init_dir": init_dir, "arch": {**trial["arch"], "variant": variant}}
-
-
-def _trial_entry(trial: dict) -> None:
-    run_trial(resolve_trial(trial))
 
 
 def main() -> None:

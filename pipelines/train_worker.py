@@ -4,7 +4,7 @@ Every epoch: fixed-step training on the task's batches, validation sharded over 
 (skipped without a validation split), then one `ray.train.report` with a checkpoint from rank 0.
 On restart (worker failure, or the stage re-run with the same configuration) the loop resumes
 from the latest checkpoint; a fresh trial of a transfer study starts from the upstream study's
-model of the same variant and seed (`trial["init_dir"]`).
+model of the same variant and seed (`TrialSpec.init_dir`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from nnmamba.checkpoint import load_bundle, model_from_arch
+from nnmamba.data.preprocessing.preprocess import DATASET_JSON
 from nnmamba.engine import (DDP_OPTIONS, CapturedTrainStep, amp_dtype, build_optimizer, capture_ready_stream,
                             repeat_batches, train_epoch)
-from nnmamba.tasks import TrainingTask, get_task
+from pipelines.params import TrialSpec
+from pipelines.tasks import Task, get_task
 
 STATE_FILE = "state.pt"
 
@@ -68,25 +70,16 @@ def _broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def selection(task: TrainingTask, has_validation: bool) -> tuple[str, str]:
-    """The metric and mode ("max"/"min") that pick a trial's checkpoint.
-
-    The task's validation metric; without a validation split, the epoch, so the LAST checkpoint
-    is kept (the paper then reports the mean over seeds instead of selecting on validation).
-    """
-    return (task.selection_metric, task.selection_mode) if has_validation else ("epoch", "max")
-
-
-def _initialise(model: nn.Module, trial: dict) -> None:
+def _initialise(model: nn.Module, trial: TrialSpec) -> None:
     """Start from another study's trained model of the same variant and seed (transfer learning)."""
-    source, arch = load_bundle(Path(trial["init_dir"]))
-    if arch != trial["arch"]:
-        raise ValueError(f"cannot initialise {trial['run_name']} from {trial['init_dir']}: its architecture "
-                         f"{arch} differs from this study's {trial['arch']}")
+    source, arch = load_bundle(Path(trial.init_dir))
+    if arch != trial.arch:
+        raise ValueError(f"cannot initialise {trial.run_name} from {trial.init_dir}: its architecture "
+                         f"{arch} differs from this study's {trial.arch}")
     model.load_state_dict(source.state_dict())
 
 
-def _validate(task: TrainingTask, model: nn.Module, trial: dict, device: torch.device, dtype) -> dict[str, float]:
+def _validate(task: Task, model: nn.Module, trial: TrialSpec, device: torch.device, dtype) -> dict[str, float]:
     """Validation sharded over the workers, on the unwrapped model.
 
     Each worker sees a different number of cases and sliding windows, so the DDP wrapper, whose
@@ -94,55 +87,55 @@ def _validate(task: TrainingTask, model: nn.Module, trial: dict, device: torch.d
     """
     _broadcast_buffers(model)
     context = ray.train.get_context()
-    mine = trial["val_cases"][context.get_world_rank()::context.get_world_size()]
-    records = task.validate(model, Path(trial["dataset_dir"]), mine, trial["config"], device, dtype)
+    mine = list(trial.val_cases[context.get_world_rank()::context.get_world_size()])
+    records = task.validate(model, Path(trial.dataset_dir), mine, trial.study, device, dtype)
     return task.summarise(_gather(records))
 
 
-def train_loop(trial: dict) -> None:
-    """Ray Train's `train_loop_per_worker`: `trial` holds the resolved study config plus paths and the arch."""
-    config, train = trial["config"], trial["config"]["train"]
-    task = get_task(config["task"])
+def train_loop(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`; `config["trial"]` is the TrialSpec (pipelines/params.py)."""
+    trial: TrialSpec = config["trial"]
+    train, task = trial.study.train, get_task(trial.study.task)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(trial["seed"])
+    torch.manual_seed(trial.seed)
     device = ray.train.torch.get_device()
-    dtype = amp_dtype(train["amp"])
+    dtype = amp_dtype(train.amp)
 
-    model = model_from_arch(trial["arch"])
-    if train["channels_last"]:
+    model = model_from_arch(trial.arch)
+    if train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     # The replayed graph holds DDP's NCCL all-reduces too, so any number of GPUs per trial works.
-    graphed = train.get("cuda_graph", False) and device.type == "cuda"
+    graphed = train.cuda_graph and device.type == "cuda"
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the CUDA streams made below belong to this worker's GPU
     with capture_ready_stream(device, enabled=graphed):
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer = build_optimizer(bare, **train["optimizer"], capturable=graphed)
+    optimizer = build_optimizer(bare, **train.optimizer.model_dump(), capturable=graphed)
     state = _restore(bare, optimizer, device)
-    if state is None and trial["init_dir"]:
+    if state is None and trial.init_dir:
         _initialise(bare, trial)
     start_epoch = state["epoch"] if state else 0
     val_metrics = state["val_metrics"] if state else {}
     best = state["best"] if state else None
 
-    dataset_dir = Path(trial["dataset_dir"])
-    index = json.loads((dataset_dir / "dataset.json").read_text())
-    loader = task.train_loader(dataset_dir, index, trial["train_cases"], train,
-                               seed=trial["seed"] * 1_000 + start_epoch, rank=rank, world_size=world,
+    dataset_dir = Path(trial.dataset_dir)
+    index = json.loads((dataset_dir / DATASET_JSON).read_text())
+    loader = task.train_loader(trial.study, dataset_dir, index, list(trial.train_cases),
+                               seed=trial.seed * 1_000 + start_epoch, rank=rank, world_size=world,
                                pin_memory=device.type == "cuda")
     batches = repeat_batches(loader)
     loss_fn = task.loss(train)
     captured = CapturedTrainStep(model, loss_fn, optimizer, dtype) if graphed else None
-    metric, mode = selection(task, bool(trial["val_cases"]))
+    metric, mode = task.selection(bool(trial.val_cases))
     better = max if mode == "max" else min
-    for epoch in range(start_epoch, train["epochs"]):
+    for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
-        loss = train_epoch(model, batches, loss_fn, optimizer, train["steps_per_epoch"], device, dtype,
-                           train["channels_last"], captured)
-        due = not val_metrics or (epoch + 1) % train["val_every"] == 0 or epoch + 1 == train["epochs"]
-        if trial["val_cases"] and due:
+        loss = train_epoch(model, batches, loss_fn, optimizer, train.steps_per_epoch, device, dtype,
+                           train.channels_last, captured)
+        due = not val_metrics or (epoch + 1) % train.val_every == 0 or epoch + 1 == train.epochs
+        if trial.val_cases and due:
             val_metrics = _validate(task, bare, trial, device, dtype)
         metrics = {"epoch": epoch + 1, "train_loss": _mean_over_workers(loss, device), **val_metrics}
         best = metrics[metric] if best is None else better(best, metrics[metric])

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from pipelines.project_copy import fresh_project
+from project_copy import fresh_project
 
 if TYPE_CHECKING:  # the GPU machines run the kernel tests without SimpleITK installed
     import SimpleITK as sitk

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
 from nnmamba.data.loading.array_patches import ArrayPatchDataset, draw_voxels, read_region, resample_patch, rotation_matrix
+from nnmamba.data.loading.augmentation import Augmentation
 from nnmamba.data.errors import DataError
 from nnmamba.data.loading.sampling import voxel_probabilities
 from nnmamba.data.loading.unpacked import unpack_case
@@ -140,22 +142,22 @@ def test_patch_affine_runs_per_patch_and_no_rotation_is_a_plain_crop(tmp_path: P
     image_path, label_path = _write_case(tmp_path)
     cases = [("case", image_path, label_path)]
 
-    def patches(augmentation: dict) -> list[tio.Subject]:
+    def patches(augmentation: Augmentation) -> list[tio.Subject]:
         torch.manual_seed(3)
         dataset = ArrayPatchDataset(cases, tmp_path / "unpacked", (8, 8, 8), 6, {1: 1.0, 2: 1.0}, augmentation)
         return dataset[0]
 
-    identity = {"affine_p": 1.0, "scales": [1.0, 1.0], "degrees": 0}
+    identity = Augmentation(affine_p=1.0, scales=(1.0, 1.0), degrees=0)
     dataset = ArrayPatchDataset(cases, tmp_path, (8, 8, 8), 1, None, identity)
     assert isinstance(dataset.affine, tio.RandomAffine) and dataset.patch_transform.transforms == []
     volume = np.load(unpack_case("case", image_path, label_path, tmp_path / "unpacked").image)
-    plain, resampled = patches({}), patches(identity)
+    plain, resampled = patches(Augmentation()), patches(identity)
     for a, b in zip(plain, resampled, strict=True):
         i0, j0, k0, i1, j1, k1 = a[tio.LOCATION].tolist()
         assert torch.equal(a["image"].data, torch.from_numpy(volume[:, i0:i1, j0:j1, k0:k1]))
         torch.testing.assert_close(b["image"].data, a["image"].data, rtol=0, atol=1e-5)
         assert torch.equal(b["label"].data, a["label"].data)
-    rotated = patches({"affine_p": 1.0, "degrees": 30})
+    rotated = patches(Augmentation(affine_p=1.0, degrees=30))
     assert not any(torch.equal(a["label"].data, b["label"].data) for a, b in zip(plain, rotated))
 
     def is_plain_crop(patch: tio.Subject) -> bool:
@@ -163,10 +165,10 @@ def test_patch_affine_runs_per_patch_and_no_rotation_is_a_plain_crop(tmp_path: P
         return torch.equal(patch["image"].data, torch.from_numpy(volume[:, i0:i1, j0:j1, k0:k1]))
 
     # Drawn per patch: one item (6 patches of one case) mixes plain crops and resampled patches.
-    coin = [is_plain_crop(patch) for patch in patches({"affine_p": 0.5, "degrees": 30})]
+    coin = [is_plain_crop(patch) for patch in patches(Augmentation(affine_p=0.5, degrees=30))]
     assert any(coin) and not all(coin)
-    flip_all = {"flip_axes": [0, 1, 2], "flip_p": 1.0}
-    for a, b, c in zip(plain, patches(flip_all), patches({**flip_all, **identity}), strict=True):
+    flip_all = Augmentation(flip_axes=(0, 1, 2), flip_p=1.0)
+    for a, b, c in zip(plain, patches(flip_all), patches(replace(identity, flip_axes=flip_all.flip_axes, flip_p=flip_all.flip_p)), strict=True):
         assert torch.equal(b["image"].data, torch.flip(a["image"].data, dims=[1, 2, 3]))
         assert torch.equal(b["label"].data, torch.flip(a["label"].data, dims=[1, 2, 3]))
         torch.testing.assert_close(c["image"].data, b["image"].data, rtol=0, atol=1e-5)
@@ -177,7 +179,7 @@ def test_only_the_listed_axes_flip(tmp_path: Path) -> None:
     image_path, label_path = _write_case(tmp_path)
     torch.manual_seed(0)
     dataset = ArrayPatchDataset([("case", image_path, label_path)], tmp_path / "unpacked", (8, 8, 8), 1, None,
-                                {"flip_axes": [1], "flip_p": 0.5})
+                                Augmentation(flip_axes=(1,), flip_p=0.5))
     assert {dataset._flipped_axes() for _ in range(50)} == {(), (1,)}
     with pytest.raises(ValueError, match="axis indices"):
-        ArrayPatchDataset([], tmp_path, (8, 8, 8), 1, None, {"flip_axes": ["LR"], "flip_p": 0.5})
+        ArrayPatchDataset([], tmp_path, (8, 8, 8), 1, None, Augmentation(flip_axes=("LR",), flip_p=0.5))

@@ -1,23 +1,27 @@
-"""The classification training task (loader, validation, summary) and its stratified subject-level split."""
+"""Classification training: whole-volume loader, validation and summary, stratified subject-level split."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from nnmamba.data.loading.augmentation import Augmentation
+from nnmamba.data.loading.volume_batches import make_volume_loader
 from nnmamba.data.readers.adni import find_adni_cases
 from nnmamba.data.synthetic.adni import write_synthetic_adni
 from nnmamba.data.preprocessing.whole_volume import prepare_classification_dataset
+from nnmamba.data.splits import apportion, classification_split, stratified_subject_split
 from nnmamba.models import build_model
-from nnmamba.tasks import get_task
-from pipelines.split import _apportion, classification_split, stratified_subject_split
+from pipelines.params import load_params
+from pipelines.tasks import get_task
 
-TRAIN = {"batch_size": 2, "augmentation": {"flip_axes": [0], "flip_p": 0.5}, "data_workers": 0}
+FLIPS = Augmentation(flip_axes=(0,), flip_p=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +38,20 @@ def index_of(prepared: Path) -> dict:
     return json.loads((prepared / "dataset.json").read_text())
 
 
+def volume_loader(prepared: Path, index: dict, case_ids: list[str], seed: int, rank: int = 0,
+                  world_size: int = 1) -> Iterable[dict]:
+    """Batches of 2 flipped-or-not volumes of ``case_ids``, as the classification task's loader makes them."""
+    return make_volume_loader([prepared / index["cases"][c]["image"] for c in case_ids],
+                              [index["cases"][c]["class_index"] for c in case_ids], case_ids, batch_size=2,
+                              augmentation=FLIPS, num_workers=0, seed=seed, rank=rank, world_size=world_size)
+
+
 def test_loader_batches_whole_volumes_with_their_class_and_shards_ranks(prepared):
     index = index_of(prepared)
     case_ids = sorted(index["cases"])[:7]  # shares of 4 and 3 cases: the second rank tops up its last batch
-    task = get_task("classification")
     seen, lengths = [], []
     for rank in range(2):
-        batches = list(task.train_loader(prepared, index, case_ids, TRAIN, seed=3, rank=rank, world_size=2))
+        batches = list(volume_loader(prepared, index, case_ids, seed=3, rank=rank, world_size=2))
         for batch in batches:
             assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["image"].dtype == torch.float32
             assert batch["label"].tolist() == [index["cases"][c]["class_index"] for c in batch["case_id"]]
@@ -49,17 +60,16 @@ def test_loader_batches_whole_volumes_with_their_class_and_shards_ranks(prepared
     assert sorted(seen[0] | seen[1]) == case_ids and not seen[0] & seen[1]
     assert lengths == [2, 2]  # ceil(ceil(7 / 2 ranks) / batch 2) on both ranks
     with pytest.raises(ValueError, match="2 subjects cannot be shared by 3 ranks"):
-        task.train_loader(prepared, index, case_ids[:2], TRAIN, seed=3, rank=2, world_size=3)
+        volume_loader(prepared, index, case_ids[:2], seed=3, rank=2, world_size=3)
 
 
 def test_loader_order_and_augmentation_depend_only_on_the_seed(prepared):
     index = index_of(prepared)
     case_ids = sorted(index["cases"])
-    task = get_task("classification")
 
     def epoch(seed: int, caller_seed: int) -> list[tuple[list[str], torch.Tensor]]:
         torch.manual_seed(caller_seed)  # whatever the caller's RNG holds
-        return [(b["case_id"], b["image"]) for b in task.train_loader(prepared, index, case_ids, TRAIN, seed, 0, 1)]
+        return [(b["case_id"], b["image"]) for b in volume_loader(prepared, index, case_ids, seed)]
 
     first, again, other = epoch(5, caller_seed=1), epoch(5, caller_seed=2), epoch(6, caller_seed=1)
     assert [ids for ids, _ in first] == [ids for ids, _ in again]
@@ -76,7 +86,7 @@ def test_validation_records_probabilities_and_summary_scores_them(prepared):
     torch.manual_seed(0)
     model = build_model("classification", "sequence", 1, 2, base_channels=4, blocks_per_stage=1)
     case_ids = sorted(index["cases"])
-    records = task.validate(model, prepared, case_ids, {}, torch.device("cpu"), None)
+    records = task.validate(model, prepared, case_ids, load_params().study("adni_ad"), torch.device("cpu"), None)
     assert [r["case_id"] for r in records] == case_ids
     assert [r["target"] for r in records] == [index["cases"][c]["class_index"] for c in case_ids]
     assert all(sum(r["probabilities"]) == pytest.approx(1) for r in records)
@@ -123,9 +133,9 @@ def test_single_visit_cohort_gets_exact_sizes_and_no_validation_when_asked():
 
 
 def test_apportion_by_largest_remainder():
-    assert _apportion(5, Counter(a=3, b=1, c=1)) == {"a": 3, "b": 1, "c": 1}
-    assert _apportion(3, Counter(a=5, b=5)) == {"a": 2, "b": 1}  # tie: the first key wins
-    assert _apportion(4, Counter(a=10, b=1)) == {"a": 4, "b": 0}
+    assert apportion(5, Counter(a=3, b=1, c=1)) == {"a": 3, "b": 1, "c": 1}
+    assert apportion(3, Counter(a=5, b=5)) == {"a": 2, "b": 1}  # tie: the first key wins
+    assert apportion(4, Counter(a=10, b=1)) == {"a": 4, "b": 0}
 
 
 def test_classification_split_needs_every_class_in_val_and_test():
@@ -133,6 +143,6 @@ def test_classification_split_needs_every_class_in_val_and_test():
     index = {"labels": {"0": "NC", "1": "AD"},
              "cases": {c: {"subject": subject_of[c], "class_name": class_of[c]} for c in subject_of}}
     with pytest.raises(ValueError, match=r"the val split \(1 cases\) holds no case of class\(es\) \['AD'\]"):
-        classification_split(index, {"val": 1, "test": 4, "seed": 0})
-    split = classification_split(index, {"val": 0, "test": 4, "seed": 0})
+        classification_split(index, val=1, test=4, seed=0)
+    split = classification_split(index, val=0, test=4, seed=0)
     assert split["val"] == [] and {class_of[c] for c in split["test"]} == {"NC", "AD"}

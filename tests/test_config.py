@@ -1,9 +1,10 @@
-"""params.yaml resolution: profiles, study overrides, and the paper profile's settings."""
+"""params.yaml parsed into typed specs: profiles, study overrides, errors that name the key, the paper profile."""
 
 import pytest
 import yaml
 
-from pipelines.config import REPO_ROOT, deep_merge, load_params, study_config
+from pipelines.params import ParamsError, deep_merge, load_params
+from pipelines.workspace import REPO_ROOT
 
 
 def write_params(tmp_path, params):
@@ -19,37 +20,74 @@ def test_deep_merge_replaces_leaves_and_lists_but_keeps_siblings():
     assert base["train"]["patch"] == [1, 2]
 
 
+def real_params() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
 def test_unknown_profile_is_a_clear_error(tmp_path):
-    path = write_params(tmp_path, {"profile": "papr", "profiles": {"paper": {}}})
-    with pytest.raises(KeyError, match="profile 'papr' is not defined"):
-        load_params(path)
+    params = {**real_params(), "profile": "papr"}
+    with pytest.raises(ParamsError, match="profile 'papr' is not defined.*did you mean 'paper'"):
+        load_params(write_params(tmp_path, params))
 
 
 def test_study_sections_merge_shared_then_study_then_profile(tmp_path):
-    params = {
-        "profile": "big",
-        "train": {"epochs": 3, "lr": 0.1},
-        "evaluate": {"overlap": 0.5},
-        "studies": {"s": {"task": "segmentation", "init": "nnmamba/models.py", "dataset": {"name": "d"},
-                          "train": {"epochs": 5}}},
-        "profiles": {"big": {"train": {"lr": 0.2}, "studies": {"s": {"train": {"epochs": 50}}}}},
-    }
-    config = study_config("s", load_params(write_params(tmp_path, params)))
-    assert config["train"] == {"epochs": 50, "lr": 0.2}
-    assert config["evaluate"] == {"overlap": 0.5}
-    assert config["task"] == "segmentation" and config["study"] == "s"
-    with pytest.raises(KeyError, match="study 'nope'"):
-        study_config("nope", load_params(write_params(tmp_path, params)))
+    params = real_params()
+    params["profile"] = "big"
+    params["train"]["epochs"] = 3
+    params["studies"]["brats2023"]["train"] = {"epochs": 5}
+    params["profiles"]["big"] = {"train": {"steps_per_epoch": 9},
+                                 "studies": {"brats2023": {"train": {"epochs": 50}}}}
+    loaded = load_params(write_params(tmp_path, params))
+    study = loaded.study("brats2023")
+    assert study.train.epochs == 50 and study.train.steps_per_epoch == 9
+    assert study.train.seeds == tuple(params["train"]["seeds"])
+    assert study.task == "segmentation" and study.name == "brats2023"
+    with pytest.raises(ParamsError, match="study 'brats2032' is not defined.*did you mean 'brats2023'"):
+        loaded.study("brats2032")
+
+
+def test_specs_are_frozen_and_typed():
+    study = load_params().study("brats2023")
+    assert study.train.patch_size == (32, 32, 32) and study.train.augmentation.flip_axes == (0, 1, 2)
+    with pytest.raises(ValueError, match="frozen"):
+        study.train.epochs = 1
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    # a misspelt key is named where it was written, with the close match
+    (lambda p: p["train"].update(epcohs=3), r"train\.epcohs: unknown key; did you mean 'epochs'"),
+    (lambda p: p["studies"]["amos_ct"]["train"].update(epcohs=3),
+     r"studies\.amos_ct\.train\.epcohs: unknown key; did you mean 'epochs'"),
+    (lambda p: p["profiles"]["paper"]["train"].update(epcohs=3) or p.update(profile="paper"),
+     r"profiles\.paper\.train\.epcohs: unknown key"),
+    (lambda p: p["studies"]["brats2023"].update(trian={}), r"studies\.brats2023\.trian: unknown key; did you mean 'train'"),
+    (lambda p: p["train"]["augmentation"].update(flip_pp=1), r"train\.augmentation\.flip_pp: unknown key; did you mean 'flip_p'"),
+    (lambda p: p["ray"].update(max_failure=1), r"ray\.max_failure: unknown key; did you mean 'max_failures'"),
+    (lambda p: p.update(reprot={}), r"reprot: unknown key; did you mean 'report'"),
+    # wrong types, missing keys, unknown names
+    (lambda p: p["train"].update(epochs="three"), r"train\.epochs: Input should be a valid integer.*'three'"),
+    (lambda p: p["train"].update(amp="bf32"), r"train\.amp: Input should be 'none', 'bf16' or 'fp16'"),
+    (lambda p: p["model"].pop("d_state"), r"model\.d_state: missing key"),
+    (lambda p: p["studies"]["brats2023"].update(task="segmentaton"), r"unknown task 'segmentaton'; did you mean 'segmentation'"),
+    (lambda p: p["ray"].update(preset="gpu1"), r"ray\.preset 'gpu1' has no file.*did you mean 'gpu-1'"),
+])
+def test_bad_params_name_the_key_the_file_and_close_matches(tmp_path, edit, message):
+    params = real_params()
+    edit(params)
+    path = write_params(tmp_path, params)
+    with pytest.raises(ParamsError, match=message) as raised:
+        load_params(path)
+    assert str(path) in str(raised.value)
 
 
 def test_paper_profile_has_the_papers_settings(tmp_path):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["profile"] = "paper"
-    config = study_config("brats2023", load_params(write_params(tmp_path, params)))
-    train = config["train"]
-    assert train["optimizer"] == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}
-    assert train["batch_size"] == 2 and train["epochs"] == 1000 and train["patch_size"] == [128, 128, 128]
-    assert config["split"]["val"] == 125 and config["split"]["test"] == 251
-    assert config["model"]["base_channels"] == 32
-    assert config["ray"]["use_gpu"] is True
+    study = load_params(write_params(tmp_path, params)).study("brats2023")
+    train = study.train
+    assert train.optimizer.model_dump() == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}
+    assert train.batch_size == 2 and train.epochs == 1000 and train.patch_size == (128, 128, 128)
+    assert study.split.val == 125 and study.split.test == 251
+    assert study.model.base_channels == 32
+    assert study.ray.use_gpu is True
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.project_copy import fresh_project
+from project_copy import fresh_project
 from tests.conftest import ablation_runs, run_in
 
 pytestmark = pytest.mark.slow

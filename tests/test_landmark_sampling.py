@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from nnmamba.data.loading.augmentation import Augmentation
 from nnmamba.data.loading.heatmap_sampling import make_heatmap_loader
 from nnmamba.data.preprocessing.landmarks import prepare_landmark_dataset
 from nnmamba.data.readers.landmarks import LANDMARK_NAMES, find_landmark_cases
@@ -36,7 +37,7 @@ def _loader(dataset: dict, ids: list[str], **overrides):
         image_paths=[dataset["dir"] / c["image"] for c in cases],
         landmarks_mm=[[c["landmarks_mm"][n] for n in LANDMARK_NAMES] for c in cases],
         sigma_mm=SIGMA, patch_size=PATCH, batch_size=2, samples_per_volume=3, queue_length=6,
-        label_probabilities=ONLY_LANDMARKS, augmentation={}, num_workers=0, seed=0,
+        label_probabilities=ONLY_LANDMARKS, augmentation=Augmentation(), num_workers=0, seed=0,
     )
     arguments.update(overrides)
     return make_heatmap_loader(**arguments)
@@ -72,7 +73,7 @@ def test_patches_carry_their_targets_and_contain_a_landmark(dataset: dict) -> No
 
 
 def test_intensity_augmentation_leaves_the_targets_exact(dataset: dict) -> None:
-    batch = next(iter(_loader(dataset, dataset["ids"], augmentation={"gamma_p": 1.0, "noise_p": 1.0})))
+    batch = next(iter(_loader(dataset, dataset["ids"], augmentation=Augmentation(gamma_p=1.0, noise_p=1.0))))
     for image, heatmaps, location, case_id in zip(batch["image"], batch["label"], batch["location"],
                                                   batch["case_id"]):
         crop, targets = _reference(dataset, case_id, location)

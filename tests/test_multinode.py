@@ -2,7 +2,7 @@
 both nodes train with gloo, restore from the checkpoint on the shared storage path, and match
 the same run with both workers on one node.
 
-The trial is the pipeline's own (`trial_plan` -> `resolve_trial` -> `build_trainer`, whose
+The trial is the pipeline's own (`trial_specs` -> `build_trainer`, whose
 workers run `pipelines.train_worker.train_loop`) on the tiny study the real stages prepared.
 """
 
@@ -20,8 +20,9 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from pipelines.cluster import connect_ray
-from pipelines.config import deep_merge, load_params, study_config
-from pipelines.train import build_trainer, resolve_trial, trial_plan
+from pipelines.params import StudySpec, deep_merge, load_params
+from pipelines.resolve import resolve_study
+from pipelines.train import build_trainer, trial_specs
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -55,11 +56,16 @@ def two_nodes(cluster_project, monkeypatch_module):
     cluster.wait_for_nodes()
     monkeypatch_module.delenv("RAY_ADDRESS", raising=False)
     monkeypatch_module.setenv("NNMAMBA_WORKSPACE", str(cluster_project["workspace"]))
-    params = deep_merge(load_params(), cluster_project["overrides"])
-    connect_ray({"ray": {**params["ray"], "address": cluster.address}})
-    yield params, f"http://127.0.0.1:{dashboard_port}"
+    study = load_params(cluster_project["code"] / "params.yaml").study("brats2023")
+    connect_ray(study.ray.model_copy(update={"address": cluster.address}))
+    yield study, f"http://127.0.0.1:{dashboard_port}"
     ray.shutdown()
     cluster.shutdown()
+
+
+def study_with(study: StudySpec, overrides: dict) -> StudySpec:
+    """The study with params.yaml-shaped section overrides merged in (and validated again)."""
+    return StudySpec.model_validate(deep_merge(study.model_dump(), overrides))
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +76,12 @@ def monkeypatch_module():
 
 def train_run(two_nodes: tuple, placement: str, epochs: int, storage: Path, log: Path) -> tuple[dict, list[str]]:
     """Fit the tiny study's trial with two workers; its final metrics and the node of each new worker."""
-    params, dashboard = two_nodes
+    study, dashboard = two_nodes
     workers = [("class_name", "=", "RayTrainWorker")]
     overrides = {"ray": {"num_workers": 2, "placement_strategy": placement, "resources_per_worker": {"CPU": 1}},
                  "train": {"epochs": epochs}}
-    config = study_config("brats2023", deep_merge(params, overrides))
-    trial = resolve_trial({**trial_plan(config), "variant": "mic", "seed": 0, "storage_path": str(storage),
-                           "digest": placement.lower()})
+    study = resolve_study(study_with(study, overrides))
+    trial = next(t for t in trial_specs(study, placement.lower(), str(storage)) if (t.variant, t.seed) == ("mic", 0))
     before = {a.actor_id for a in list_actors(address=dashboard, filters=workers, limit=1000)}
     result = build_trainer(trial, [ReportLog(log)]).fit()
     new = [a for a in list_actors(address=dashboard, filters=workers, limit=1000) if a.actor_id not in before]

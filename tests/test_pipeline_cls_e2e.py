@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from nnmamba.checkpoint import load_bundle
-from pipelines.project_copy import fresh_project
+from project_copy import fresh_project
 from tests.conftest import ablation_runs, run_in
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from nnmamba.data.synthetic.abdomen_phantom import AMOS_LABELS
 from nnmamba.metrics import per_class_regions
-from pipelines.project_copy import fresh_project
+from project_copy import fresh_project
 from tests.conftest import ablation_runs, run_in, same_geometry
 
 pytestmark = pytest.mark.slow

@@ -15,9 +15,10 @@ import yaml
 from ray.runtime_env import RuntimeEnv
 
 from pipelines.cluster import SUBMITTED_JOB_CONFIG_ENV, WORKER_ENV, driver_runtime_env
-from pipelines.config import PRESETS_DIR, REPO_ROOT, load_params, resolve_path, study_config
+from pipelines.params import PRESETS_DIR, MlflowSpec, ParamsError, load_params
 from pipelines.tracking import tracking_uri
-from pipelines.train import trial_plan
+from pipelines.train import trial_specs
+from pipelines.workspace import REPO_ROOT, resolve
 
 CONFIGS = REPO_ROOT / "ray_configs"
 LAUNCHERS = ("cluster-aws.yaml", "cluster-onprem.yaml")
@@ -131,47 +132,49 @@ def test_presets_directory_holds_exactly_the_documented_presets():
 
 def write_params(tmp_path: Path, ray_section: dict) -> Path:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["ray"] = ray_section
+    # the keys no preset sets (where checkpoints go, how often a trial may fail) stay as written
+    params["ray"] = {key: params["ray"][key] for key in ("storage_path", "max_failures")} | ray_section
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
 
 
 def test_preset_fills_the_ray_section_and_params_yaml_wins(tmp_path):
-    ray_section = load_params(write_params(tmp_path, {"preset": "gpu-4", "max_failures": 2}))["ray"]
-    assert ray_section["num_workers"] == 4 and ray_section["use_gpu"] is True
-    assert ray_section["placement_strategy"] == "PACK" and ray_section["max_failures"] == 2
+    ray_section = load_params(write_params(tmp_path, {"preset": "gpu-4", "max_failures": 2})).study("brats2023").ray
+    assert ray_section.num_workers == 4 and ray_section.use_gpu is True
+    assert ray_section.placement_strategy == "PACK" and ray_section.max_failures == 2
     overridden = load_params(write_params(tmp_path, {"preset": "gpu-4", "num_workers": 2,
-                                                     "resources_per_worker": {"CPU": 4}}))["ray"]
-    assert overridden["num_workers"] == 2
-    assert overridden["resources_per_worker"] == {"CPU": 4, "GPU": 1}
-    assert overridden["max_concurrent_trials"] == preset("gpu-4")["max_concurrent_trials"]
+                                                     "resources_per_worker": {"CPU": 4}})).study("brats2023").ray
+    assert overridden.num_workers == 2
+    assert overridden.resources_per_worker == {"CPU": 4, "GPU": 1}
+    assert overridden.max_concurrent_trials == preset("gpu-4")["max_concurrent_trials"]
 
 
 def test_unknown_preset_is_a_clear_error(tmp_path):
-    with pytest.raises(KeyError, match=r"ray.preset 'gpu-3'.*known presets: \['cpu-debug'"):
+    with pytest.raises(ParamsError, match=r"ray.preset 'gpu-3'.*known presets: \['cpu-debug'"):
         load_params(write_params(tmp_path, {"preset": "gpu-3"}))
 
 
 def test_the_default_profile_runs_the_cpu_debug_preset():
-    ray_section = study_config("brats2023")["ray"]
-    assert ray_section["preset"] == "cpu-debug" and ray_section["use_gpu"] is False
-    assert ray_section["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    ray_section = load_params().study("brats2023").ray
+    assert ray_section.preset == "cpu-debug" and ray_section.use_gpu is False
+    assert ray_section.env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
 
 
 def test_workspace_env_moves_relative_paths_and_the_sqlite_store(tmp_path, monkeypatch):
     monkeypatch.setenv("NNMAMBA_WORKSPACE", str(tmp_path))
-    assert resolve_path("data/preprocessed") == tmp_path / "data/preprocessed"
-    assert resolve_path("/abs/path") == Path("/abs/path")
+    assert resolve("data/preprocessed") == tmp_path / "data/preprocessed"
+    assert resolve("/abs/path") == Path("/abs/path")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = {"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}
-    assert tracking_uri(config) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking_uri(MlflowSpec(tracking_uri="sqlite:///mlflow.db", register_models=False)) == \
+        f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.delenv("NNMAMBA_WORKSPACE")
-    assert resolve_path("data") == REPO_ROOT.resolve() / "data"
+    assert resolve("data") == REPO_ROOT.resolve() / "data"
 
 
 def test_driver_adds_only_the_worker_variables_a_submitted_job_lacks(monkeypatch):
-    config = {"ray": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}}
+    config = load_params().study("brats2023").ray.model_copy(
+        update={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
     monkeypatch.delenv(SUBMITTED_JOB_CONFIG_ENV, raising=False)
     assert driver_runtime_env(config) == {"env_vars": {**WORKER_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
     job = {"runtime_env": {"env_vars": {"NCCL_NVLS_ENABLE": "1", "OTHER": "x"}, "working_dir": "gcs://pkg.zip"}}
@@ -186,6 +189,6 @@ def test_driver_adds_only_the_worker_variables_a_submitted_job_lacks(monkeypatch
 
 def test_a_workspace_without_prepared_data_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NNMAMBA_WORKSPACE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/data/preprocessed/brats2023/dataset.json: .*"
-                                                r"dvc repro split@brats2023.*NNMAMBA_WORKSPACE"):
-        trial_plan(study_config("brats2023"))
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/data/preprocessed/brats2023/dataset.json is missing.*"
+                                                r"dvc repro prepare@brats2023.*NNMAMBA_WORKSPACE"):
+        trial_specs(load_params().study("brats2023"), "digest", str(tmp_path))

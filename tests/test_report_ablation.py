@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.report_ablation import ablation_report
+from pipelines.reports.ablation import ablation_report
 
 STUDIES = {"segmentation": "brats2023", "landmark": "fetal_cerebellum", "classification": "adni_ad"}
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.split import patient_split, split_sizes
+from nnmamba.data.splits import patient_split, split_sizes
 
 
 def brats_patient(case_id: str) -> str:

@@ -7,6 +7,7 @@ import torch
 
 from nnmamba.checkpoint import save_bundle
 from nnmamba.models import build_model
+from pipelines.params import StudySpec, TrialSpec, load_params
 from pipelines.train import SCRATCH_INIT, init_fingerprint, init_models
 from pipelines.train_worker import _initialise
 
@@ -14,8 +15,15 @@ ARCH = {"task": "classification", "variant": "sequence", "in_channels": 1, "out_
         "kwargs": {"base_channels": 4, "blocks_per_stage": 1}}
 
 
-def study(init: str, variants=("sequence",), seeds=(0, 1)) -> dict:
-    return {"study": "adni_mci", "init": init, "train": {"variants": list(variants), "seeds": list(seeds)}}
+def study(init: str, variants=("sequence",), seeds=(0, 1)) -> StudySpec:
+    spec = load_params().study("adni_mci")
+    return spec.model_copy(update={"init": init, "train": spec.train.model_copy(
+        update={"variants": tuple(variants), "seeds": tuple(seeds)})})
+
+
+def trial(init_dir, arch: dict) -> TrialSpec:
+    return TrialSpec(study=study(str(init_dir.parent)), variant="sequence", seed=1, digest="d", storage_path="",
+                     dataset_dir="", train_cases=(), val_cases=(), init_dir=str(init_dir), arch=arch, prediction=None)
 
 
 def upstream_models(root, seeds=(0, 1)):
@@ -52,10 +60,9 @@ def test_initialise_loads_the_upstream_weights_and_refuses_another_architecture(
     root = upstream_models(tmp_path)
     torch.manual_seed(123)
     model = build_model("classification", "sequence", 1, 2, **ARCH["kwargs"])
-    _initialise(model, {"init_dir": str(root / "sequence-seed1"), "arch": ARCH, "run_name": "adni_mci-sequence-seed1"})
+    _initialise(model, trial(root / "sequence-seed1", ARCH))
     saved = torch.load(root / "sequence-seed1" / "model.pt", weights_only=True)
     assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
     other = {**ARCH, "out_channels": 3}
-    with pytest.raises(ValueError, match="cannot initialise adni_mci-sequence-seed1 from .*differs"):
-        _initialise(build_model("classification", "sequence", 1, 3, **ARCH["kwargs"]),
-                    {"init_dir": str(root / "sequence-seed1"), "arch": other, "run_name": "adni_mci-sequence-seed1"})
+    with pytest.raises(ValueError, match="cannot initialise adni_mci-sequence-seed1-d from .*differs"):
+        _initialise(build_model("classification", "sequence", 1, 3, **ARCH["kwargs"]), trial(root / "sequence-seed1", other))

@@ -10,7 +10,7 @@ Per case visit (one loader item), ``samples_per_volume`` patches; for each:
 3. with probability ``affine_p`` the patch is resampled through a random rotation and scaling
    about its centre (torchio ``RandomAffine``'s parameter ranges and draws; trilinear image,
    nearest label, zero outside the case), else it is a plain crop;
-4. the rest of the ``augmentation`` dict (flips, gamma, noise) runs as torchio transforms on the patch.
+4. the rest of the ``Augmentation`` (flips, gamma, noise) runs as torchio transforms on the patch.
 
 Why not torchio's own sampler and RandomAffine (used before, and still for landmark heatmaps):
 they augment the whole decompressed volume before drawing patches, which on the 16-core GPU
@@ -32,7 +32,7 @@ import torchio as tio
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from nnmamba.data.loading.augmentation import augmentation_transform
+from nnmamba.data.loading.augmentation import Augmentation, augmentation_transform
 from nnmamba.data.errors import DataError
 from nnmamba.data.loading.unpacked import UnpackedCase, unpack_case
 
@@ -41,7 +41,7 @@ class ArrayPatchDataset(Dataset):
     """Item ``i``: the drawn, augmented patches of case ``i`` as torchio subjects (``image``, ``label``,
     ``location``: start and stop voxel in the padded case, before any rotation, and ``case_id``).
 
-    ``cases`` are (case id, image file, label file). Of the ``augmentation`` dict's transforms
+    ``cases`` are (case id, image file, label file). Of the ``augmentation``'s transforms
     (``augmentation_transform``), a RandomAffine only supplies its parameter draws and its
     probability to :func:`resample_patch`, and a RandomFlip its axes and probability to the crop,
     which reads the flipped patch in the same pass (torchio would copy it once more); the others
@@ -51,7 +51,7 @@ class ArrayPatchDataset(Dataset):
     """
 
     def __init__(self, cases: list[tuple[str, Path, Path]], unpacked_dir: Path, patch_size: tuple[int, int, int],
-                 samples_per_volume: int, label_probabilities: dict[int, float] | None, augmentation: dict):
+                 samples_per_volume: int, label_probabilities: dict[int, float] | None, augmentation: Augmentation):
         self.cases, self.unpacked_dir = cases, Path(unpacked_dir)
         self.unpacked: dict[int, UnpackedCase] = {}
         self.patch_size = np.asarray(patch_size)

@@ -1,53 +1,56 @@
-"""The ``augmentation`` dict of params.yaml as torchio random transforms."""
+"""Training augmentation settings as torchio random transforms."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torchio as tio
 
-FLIP_KEYS = {"flip_axes": "axes"}
-# augmentation probability key -> (torchio transform, {optional key: its keyword}, fixed keywords).
-# Absent optional keys keep torchio's defaults; the probability is the transform's p.
-RANDOM_TRANSFORMS: dict[str, tuple[type[tio.Transform], dict[str, str], dict[str, Any]]] = {
-    # Preprocessed volumes are 0 outside the head, so resampling pads with 0 too.
-    "affine_p": (tio.RandomAffine, {"scales": "scales", "degrees": "degrees"}, {"default_pad_value": 0}),
-    # Intensity changes touch the network input only (landmark heatmap targets are images too).
-    "gamma_p": (tio.RandomGamma, {"log_gamma": "log_gamma"}, {"include": ["image"]}),
-    "noise_p": (tio.RandomNoise, {"noise_std": "std"}, {"include": ["image"]}),
-}
-AUGMENTATION_KEYS = frozenset(
-    {"flip_p", *FLIP_KEYS, *RANDOM_TRANSFORMS, *(k for _, keys, _ in RANDOM_TRANSFORMS.values() for k in keys)}
-)
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Probabilities and ranges of the random transforms; a transform is used only when its p > 0.
 
-def augmentation_transform(augmentation: dict, copy: bool = True) -> tio.Compose:
-    """Random spatial then intensity transforms from a params.yaml ``augmentation`` dict.
-
-    Keys: ``flip_p`` (per-axis flip probability) with ``flip_axes``; ``affine_p``
-    with ``scales``, ``degrees``; ``gamma_p`` with ``log_gamma``; ``noise_p`` with
-    ``noise_std``. A transform is used only when its probability is > 0, so an
-    empty dict is the identity. Unknown keys raise ValueError. ``copy=False``: the transforms
-    change the subject they are given instead of a deep copy (for subjects made to be transformed).
+    ``flip_p`` is the per-axis flip probability over ``flip_axes``; ``affine_p`` goes with
+    ``scales`` and ``degrees``, ``gamma_p`` with ``log_gamma``, ``noise_p`` with ``noise_std``.
+    A range left at None keeps torchio's default for it. The default is the identity.
     """
-    unknown = sorted(set(augmentation) - AUGMENTATION_KEYS)
-    if unknown:
-        raise ValueError(f"unknown augmentation key(s) {unknown}; known keys: {sorted(AUGMENTATION_KEYS)}")
+
+    flip_axes: tuple[int, ...] | None = None
+    flip_p: float = 0.0
+    affine_p: float = 0.0
+    scales: float | tuple[float, ...] | None = None
+    degrees: float | tuple[float, ...] | None = None
+    gamma_p: float = 0.0
+    log_gamma: float | tuple[float, ...] | None = None
+    noise_p: float = 0.0
+    noise_std: float | tuple[float, ...] | None = None
+
+
+def augmentation_transform(augmentation: Augmentation, copy: bool = True) -> tio.Compose:
+    """Flip, affine, gamma then noise, each only when its p > 0 (this order fixes the random streams).
+
+    ``copy=False``: the transforms change the subject they are given instead of a deep copy
+    (for subjects made to be transformed).
+    """
+    a = augmentation
     transforms: list[tio.Transform] = []
-    if augmentation.get("flip_p", 0) > 0:
-        kwargs = _present_keywords(augmentation, FLIP_KEYS)
-        transforms.append(tio.RandomFlip(flip_probability=augmentation["flip_p"], copy=copy, **kwargs))
-    for probability_key, (transform_type, keys, fixed) in RANDOM_TRANSFORMS.items():
-        if augmentation.get(probability_key, 0) > 0:
-            kwargs = _present_keywords(augmentation, keys)
-            transforms.append(transform_type(p=augmentation[probability_key], copy=copy, **fixed, **kwargs))
+    if a.flip_p > 0:
+        transforms.append(tio.RandomFlip(flip_probability=a.flip_p, copy=copy, **_given(axes=a.flip_axes)))
+    if a.affine_p > 0:
+        # Preprocessed volumes are 0 outside the head, so resampling pads with 0 too.
+        transforms.append(tio.RandomAffine(p=a.affine_p, copy=copy, default_pad_value=0,
+                                           **_given(scales=a.scales, degrees=a.degrees)))
+    # Intensity changes touch the network input only (landmark heatmap targets are images too).
+    if a.gamma_p > 0:
+        transforms.append(tio.RandomGamma(p=a.gamma_p, copy=copy, include=["image"],
+                                          **_given(log_gamma=a.log_gamma)))
+    if a.noise_p > 0:
+        transforms.append(tio.RandomNoise(p=a.noise_p, copy=copy, include=["image"], **_given(std=a.noise_std)))
     return tio.Compose(transforms, copy=copy)
 
 
-def _present_keywords(augmentation: dict, keys: dict[str, str]) -> dict[str, Any]:
-    """Keywords for the keys present; YAML lists become the tuples torchio expects."""
-    return {
-        keyword: tuple(augmentation[key]) if isinstance(augmentation[key], list) else augmentation[key]
-        for key, keyword in keys.items()
-        if key in augmentation
-    }
+def _given(**keywords: Any) -> dict[str, Any]:
+    """The keywords set; None ones are left out so torchio keeps its defaults."""
+    return {keyword: value for keyword, value in keywords.items() if value is not None}

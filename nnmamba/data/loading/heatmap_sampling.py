@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torchio as tio
 
-from nnmamba.data.loading.augmentation import augmentation_transform
+from nnmamba.data.loading.augmentation import Augmentation, augmentation_transform
 from nnmamba.data.loading.sampling import (ContainingLabelSampler, PatchBatchLoader, PatchDrawingDataset, Stack,
                                    case_id_of, patch_batch_loader, plain_stack, rank_shard)
 from nnmamba.heatmaps import gaussian_heatmaps
@@ -71,7 +71,7 @@ def make_heatmap_loader(
     samples_per_volume: int,
     queue_length: int,
     label_probabilities: dict[int, float],
-    augmentation: dict,
+    augmentation: Augmentation,
     num_workers: int,
     seed: int,
     rank: int = 0,

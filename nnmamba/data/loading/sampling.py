@@ -23,6 +23,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from nnmamba.data.loading.array_patches import ArrayPatchDataset
+from nnmamba.data.loading.augmentation import Augmentation
 from nnmamba.data.loading.unpacked import default_unpacked_dir
 from nnmamba.data.loading.worker_buffers import GROUPS_AHEAD, worker_batch_buffers
 
@@ -86,7 +87,7 @@ def make_patch_loader(
     samples_per_volume: int,
     queue_length: int,
     label_probabilities: dict[int, float] | None,
-    augmentation: dict,
+    augmentation: Augmentation,
     num_workers: int,
     seed: int,
     rank: int = 0,

@@ -115,14 +115,6 @@ class PlanSettings:
     max_batch_size: int = 2
     max_batch_dataset_fraction: float = 0.05
 
-    @classmethod
-    def from_params(cls, section: Mapping) -> PlanSettings:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown plan setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**section)
-
 
 MemoryModel = Callable[[Sequence[int], int], float]
 

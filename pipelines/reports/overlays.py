@@ -8,7 +8,6 @@ over the image, windowed to its 1st-99th intensity percentiles.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -20,11 +19,7 @@ import torchio as tio  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from nnmamba.predict import file_ending  # noqa: E402
-from pipelines.config import resolve_path  # noqa: E402
-from pipelines.evaluate import PREDICTIONS_ROOT  # noqa: E402
-from pipelines.prepare import PREPROCESSED_ROOT  # noqa: E402
-from pipelines.split import SPLITS_ROOT  # noqa: E402
-from pipelines.train import load_trials, trial_dir_name  # noqa: E402
+from pipelines import workspace  # noqa: E402
 
 LABEL_ALPHA = 0.55
 WINDOW_PERCENTILES = (1, 99)
@@ -32,12 +27,12 @@ WINDOW_PERCENTILES = (1, 99)
 
 def overlay_figure(study: str, n_cases: int, path: Path) -> Path | None:
     """Write the study's overlay PNG; None when it has no predictions to show."""
-    index = json.loads((resolve_path(PREPROCESSED_ROOT) / study / "dataset.json").read_text())
-    trials = load_trials(study)["trials"]
+    index = workspace.load_index(study)
+    trials = workspace.load_trials(study)["trials"]
     first_seed = {}
     for trial in sorted(trials, key=lambda t: (t["variant"], t["seed"])):
-        first_seed.setdefault(trial["variant"], trial_dir_name(trial["variant"], trial["seed"]))
-    test = json.loads((resolve_path(SPLITS_ROOT) / f"{study}.json").read_text())["test"]
+        first_seed.setdefault(trial["variant"], trial["seed"])
+    test = workspace.load_split(study)["test"]
     # Labelled cases first: they show the ground truth next to the predictions.
     cases = sorted(test, key=lambda c: (index["cases"][c]["raw_label"] is None, c))[:n_cases]
     if not cases:
@@ -48,8 +43,8 @@ def overlay_figure(study: str, n_cases: int, path: Path) -> Path | None:
     for row, case_id in zip(axes, cases):
         entry = index["cases"][case_id]
         image_path = Path(next(iter(entry["raw_images"].values())))
-        predictions = {variant: resolve_path(PREDICTIONS_ROOT) / study / run / f"{case_id}{file_ending(image_path)}"
-                       for variant, run in first_seed.items()}
+        predictions = {variant: workspace.trial_predictions(study, variant, seed) / f"{case_id}{file_ending(image_path)}"
+                       for variant, seed in first_seed.items()}
         if not all(p.is_file() for p in predictions.values()):
             plt.close(fig)
             return None

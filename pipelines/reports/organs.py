@@ -16,35 +16,35 @@ from pathlib import Path
 from nnmamba.checkpoint import ARCH_FILE, model_from_arch
 from nnmamba.complexity import measure_macs
 from nnmamba.models import count_parameters
-from pipelines.config import resolve_path, study_config
-from pipelines.evaluate import SUMMARY_FILE
-from pipelines.train import METRICS_ROOT, load_trials
+from pipelines import workspace
+from pipelines.params import StudySpec
 
 PAPER_PATCH = (128, 128, 128)
 
 
-def organ_groups(studies: dict) -> dict[str, list[str]]:
-    """Evaluated organ studies grouped by the raw dataset they read, named after its layout (and folder)."""
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+def organ_groups(studies: list[StudySpec]) -> dict[str, list[StudySpec]]:
+    """Evaluated organ studies grouped by the raw dataset they read, named after its layout (and folder).
+
+    Organ studies are the segmentation studies without `evaluate.regions` in params.yaml."""
+    groups: dict[tuple[str, str], list[StudySpec]] = defaultdict(list)
     for study in studies:
-        config = study_config(study)
-        evaluated = (resolve_path(METRICS_ROOT) / study / SUMMARY_FILE).is_file()
-        if config["task"] == "segmentation" and not config["evaluate"].get("regions") and evaluated:
-            groups[(config["dataset"]["layout"], config["dataset"]["root"])].append(study)
+        evaluated = workspace.path(workspace.TEST_SUMMARY, study=study.name).is_file()
+        if study.task == "segmentation" and not study.evaluate.regions and evaluated:
+            groups[(study.dataset.layout, study.dataset.root)].append(study)
     names = [layout for layout, _ in groups]
     return {(layout if names.count(layout) == 1 else f"{layout}-{Path(root).name}"): members
             for (layout, root), members in groups.items()}
 
 
-def test_set_label(config: dict) -> str:
+def test_set_label(study: StudySpec) -> str:
     """"CT-Test" / "MR-Test" for a study of one modality (the paper's column names), else the study name."""
-    modality = config["dataset"].get("reader", {}).get("modality")
-    return f"{modality}-Test" if modality else config["study"]
+    modality = study.dataset.reader.get("modality")
+    return f"{modality}-Test" if modality else study.name
 
 
 def variant_complexity(study: str) -> dict[str, dict]:
     """Per variant: parameters and the multiply-add model, from the study's first exported bundle of it."""
-    trials = load_trials(study)["trials"]
+    trials = workspace.load_trials(study)["trials"]
     measured = {}
     for trial in sorted(trials, key=lambda t: t["seed"]):
         if trial["variant"] in measured:

@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nnmamba.models import available_variants  # noqa: E402
-from pipelines.evaluate import load_summary  # noqa: E402
-from pipelines.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
+from pipelines.reports.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
+from pipelines.workspace import load_summary  # noqa: E402
 
 # (task, summary metric, column title, scale to the paper's unit); Dice and AUC in %, HD95 and MRE in mm.
 COLUMNS = (

@@ -1,4 +1,4 @@
-"""A throw-away copy of this checkout's project: code, pipeline and params, optionally its own git+DVC repo.
+"""Test and benchmark helper: a throw-away copy of this checkout's project: code, pipeline and params, optionally its own git+DVC repo.
 
 End-to-end tests and the pipeline benchmarks run the real stages in such a copy, so that nothing
 they write (data, DVC cache, MLflow store, Ray results) lands in the checkout, and `dvc repro`
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.config import deep_merge
+from pipelines.params import deep_merge
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ("nnmamba", "pipelines", "ray_configs", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml")
