@@ -54,19 +54,21 @@ for step in "$@"; do
         --launch-skip "${NCU_SKIP:-0}" --launch-count "${NCU_COUNT:-12}" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis python3 "$S/model_speed.py" --out "$RES/ncu_speed.json" --shapes amos \
-        --variants miccss --configs bf16-cl --steps 1 --repeats 1 ;;
+        --rows miccss --configs bf16-cl --steps 1 --repeats 1 ;;
     speed) run_step speed 170 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed.json" \
         --shapes amos --configs bf16-cl-graph bf16-cl --check-graph ;;
+    backbones) run_step backbones 420 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/backbone_speed.json" \
+        --configs bf16-cl --steps 5 --repeats 3 ${TASKS:+--tasks $TASKS} ;;   # every nnMamba variant and competitor
     speed_more) run_step speed_more 120 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed_more.json" \
         --shapes brats adni --configs bf16-cl-graph ;;
     profile) run_step profile 90 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/profile_speed.json" \
-        --shapes amos --variants miccss --configs bf16-cl --steps 3 --repeats 1 --profile "$RES" ;;
+        --shapes amos --rows miccss --configs bf16-cl --steps 3 --repeats 1 --profile "$RES" ;;
     host) for mode in none pageable pinned; do
             run_step host_$mode 70 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed_host_$mode.json" \
-              --shapes amos --variants miccss --configs bf16-cl-graph --repeats 2 --host-batches $mode
+              --shapes amos --rows miccss --configs bf16-cl-graph --repeats 2 --host-batches $mode
           done ;;
     speed_main) run_step speed_main 80 "$BASE" main python3 "$BASE/benchmarks/model_speed.py" \
-        --out "$RES/model_speed_main.json" --shapes amos --variants baseline miccss ;;
+        --out "$RES/model_speed_main.json" --shapes amos --variants baseline miccss ;;   # BASE: before --rows
     inference) run_step inference 60 "$SRC" branch python3 "$S/inference_speed.py" --out "$RES/inference.json" \
         --variants miccss --sw-batch-sizes 2 4 ;;
     scan) run_step scan 60 "$SRC" branch python3 "$S/scan_speed.py" --out "$RES/scan.json" --skip-cpu ;;

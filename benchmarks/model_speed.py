@@ -1,10 +1,11 @@
-"""GPU speed and size of every registered nnMamba variant at the paper's input shapes.
+"""GPU speed and size of every nnMamba variant and every competitor backbone at the paper's input shapes.
 
-For each task in SHAPES that the model registry knows, each of its registered variants, and each
-shape: parameters, multiply-adds, train step time (forward, loss, backward, Adam step, through
+For each task in SHAPES, each row of its tables (nnMamba's registered variants, then the task's
+competitor backbones of `nnmamba.backbones`, in the same run, so they compare), and each shape:
+parameters, multiply-adds, train step time (forward, loss, backward, Adam step, through
 `nnmamba.engine.train_epoch`, the loop the pipeline trains with), inference time (forward of one
-batch in eval mode) and peak GPU memory during training. Variants registered later (e.g. the
-classification network) are picked up without editing this file.
+batch in eval mode) and peak GPU memory during training. Variants and backbones registered later
+are picked up without editing this file.
 
 Multiply-adds: `nnmamba.complexity.count_macs` (torch.utils.flop_counter: convolutions, linear
 layers and matrix products, halved), one sample, on the benchmarked GPU model: with the mamba-ssm
@@ -26,10 +27,11 @@ import torch
 from torch import nn
 
 from _common import ResultFile, cuda_time_ms, summary
+from nnmamba.backbones import BACKBONES, NNMAMBA, build_network
 from nnmamba.complexity import count_macs
 from nnmamba.engine import CAPTURE_WARMUP_STEPS, CapturedTrainStep, build_optimizer, train_epoch
 from nnmamba.losses import build_loss
-from nnmamba.models import available_variants, build_model, count_parameters
+from nnmamba.models import available_variants, count_parameters
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,22 @@ class Shape:
 
 
 # The paper's settings: AMOS-style segmentation (1 channel, 16 classes), BraTS (4 modalities,
-# 4 outputs), ADNI classification (1 channel, AD vs NC); batch 2 as in training.
+# 4 outputs), the six fetal landmarks (heatmaps), ADNI classification (1 channel, AD vs NC); batch 2
+# as in training.
 SHAPES: dict[str, list[Shape]] = {
     "segmentation": [Shape("amos", 2, 1, 16), Shape("brats", 2, 4, 4)],
+    "landmark": [Shape("fetal", 2, 1, 6)],
     "classification": [Shape("adni", 2, 1, 2)],
 }
+
+
+def table_rows(task: str) -> list[tuple[str, str | None]]:
+    """(backbone, nnMamba variant) of every row: nnMamba's variants, then the task's competitors."""
+    return [(NNMAMBA, v) for v in available_variants(task)] + [(b, None) for b in BACKBONES.get(task, {})]
+
+
+def row_name(backbone: str, variant: str | None) -> str:
+    return variant if backbone == NNMAMBA else backbone
 
 
 @dataclass(frozen=True)
@@ -77,19 +90,16 @@ class Config:
 
 
 def loss_for(task: str) -> nn.Module:
-    """The task's training loss; cross-entropy for a task whose loss is not registered."""
-    try:
-        return build_loss(task)
-    except ValueError:
-        return nn.CrossEntropyLoss()
+    """The task's training loss (landmarks: the pipeline's default heatmap foreground weight)."""
+    return build_loss(task, **({"foreground_weight": 10.0} if task == "landmark" else {}))
 
 
-def synthetic_batch(model: nn.Module, shape: Shape, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random image and labels shaped like the model's output (dense label map or one class per sample)."""
+def synthetic_batch(task: str, shape: Shape, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random image and targets as the task's loader gives them: a label map, heatmaps, or one class per sample."""
     image = torch.randn(shape.batch, shape.in_channels, *shape.spatial, device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        dense = model(image[:1]).dim() > 2
-    label_shape = (shape.batch, 1, *shape.spatial) if dense else (shape.batch,)
+    if task == "landmark":
+        return {"image": image, "label": torch.rand(shape.batch, shape.out_channels, *shape.spatial, device=device)}
+    label_shape = (shape.batch, 1, *shape.spatial) if task == "segmentation" else (shape.batch,)
     return {"image": image, "label": torch.randint(0, shape.out_channels, label_shape, device=device)}
 
 
@@ -98,10 +108,13 @@ def model_size(model: nn.Module, shape: Shape) -> dict[str, float]:
     return {"parameters_m": count_parameters(model) / 1e6, "gmacs_per_sample": macs / 1e9}
 
 
-def prepared(task: str, variant: str, shape: Shape, config: Config, device: torch.device):
-    """Model (seeded), optimizer, loss and the step runner a training loop would use for this config."""
+def prepared(task: str, row: tuple[str, str | None], shape: Shape, config: Config, device: torch.device):
+    """Model (seeded), optimizer, loss and the step runner a training loop would use for this config.
+
+    Every row trains with nnMamba's optimizer here, so the step times compare the networks alone.
+    """
     torch.manual_seed(0)
-    model = build_model(task, variant, shape.in_channels, shape.out_channels).to(device)
+    model = build_network(task, *row, shape.in_channels, shape.out_channels, shape.spatial).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(model, "adam", lr=2e-3, weight_decay=1e-3, capturable=config.graph)
@@ -117,7 +130,8 @@ def losses(runner, loss_fn, optimizer, captured, batches: list[dict], config: Co
                         captured) for b in batches]
 
 
-def graph_matches_eager(task: str, variant: str, shape: Shape, config: Config, replays: int = 3) -> float:
+def graph_matches_eager(task: str, row: tuple[str, str | None], shape: Shape, config: Config,
+                        replays: int = 3) -> float:
     """Largest relative difference between the losses of eager and graph-replayed training from the same start.
 
     The graph run's first CAPTURE_WARMUP_STEPS steps are eager, the next one is captured, so the
@@ -133,22 +147,22 @@ def graph_matches_eager(task: str, variant: str, shape: Shape, config: Config, r
                                        generator=generator)} for _ in range(steps)]
     curves = []
     for cfg in (eager_config, config):
-        _, runner, optimizer, loss_fn, captured = prepared(task, variant, shape, cfg, device)
+        _, runner, optimizer, loss_fn, captured = prepared(task, row, shape, cfg, device)
         curves.append(losses(runner, loss_fn, optimizer, captured, batches, cfg, device))
     return max(abs(a - b) / abs(a) for a, b in zip(*curves))
 
 
-def measure(task: str, variant: str, shape: Shape, config: Config, steps: int, repeats: int,
+def measure(task: str, row: tuple[str, str | None], shape: Shape, config: Config, steps: int, repeats: int,
             host_batches: str = "none") -> dict:
-    """Train-step and inference timings of one (variant, shape, config) on the current GPU.
+    """Train-step and inference timings of one (row, shape, config) on the current GPU.
 
     `host_batches` "pageable" or "pinned" keeps the batch in host memory, so every step also
     copies it to the GPU, as a training loop fed by a DataLoader does; "none" keeps it on the GPU.
     """
     device = torch.device("cuda")
-    model, runner, optimizer, loss_fn, captured = prepared(task, variant, shape, config, device)
+    model, runner, optimizer, loss_fn, captured = prepared(task, row, shape, config, device)
     size = model_size(model, shape)
-    batch = synthetic_batch(model, shape, device)
+    batch = synthetic_batch(task, shape, device)
     if host_batches != "none":
         batch = {key: value.cpu() for key, value in batch.items()}
         batch = {key: value.pin_memory() for key, value in batch.items()} if host_batches == "pinned" else batch
@@ -184,13 +198,13 @@ def measure(task: str, variant: str, shape: Shape, config: Config, steps: int, r
             "reserved_memory_gib": reserved, "first_steps_s": first_steps_s, "steps_per_timing": steps}
 
 
-def profile_train_step(task: str, variant: str, shape: Shape, config: Config, out_dir: Path) -> None:
+def profile_train_step(task: str, row: tuple[str, str | None], shape: Shape, config: Config, out_dir: Path) -> None:
     """torch.profiler tables (by GPU time; by operator and input shapes) of a few train steps."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
-    model, runner, optimizer, loss_fn, captured = prepared(task, variant, shape, config, device)
-    batches = itertools.repeat(synthetic_batch(model, shape, device))
+    model, runner, optimizer, loss_fn, captured = prepared(task, row, shape, config, device)
+    batches = itertools.repeat(synthetic_batch(task, shape, device))
     train_epoch(runner, batches, loss_fn, optimizer, 5, device, config.dtype, config.channels_last, captured)
     torch.cuda.synchronize()
     steps = 5
@@ -198,7 +212,7 @@ def profile_train_step(task: str, variant: str, shape: Shape, config: Config, ou
         train_epoch(runner, batches, loss_fn, optimizer, steps, device, config.dtype, config.channels_last, captured)
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    name = f"profile_{task}_{variant}_{shape.name}_{config}"
+    name = f"profile_{task}_{row_name(*row)}_{shape.name}_{config}"
     table = averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
     gpu_us = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / steps
     by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=50,
@@ -213,7 +227,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON results file")
     parser.add_argument("--configs", nargs="+", default=["bf16-cl"], help="e.g. bf16-cl fp32 bf16-cl-compile")
     parser.add_argument("--tasks", nargs="+", default=list(SHAPES))
-    parser.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all registered)")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only these rows: nnMamba variants and/or backbone names (default: all registered)")
     parser.add_argument("--shapes", nargs="+", default=None, help="only these shape names (default: all)")
     parser.add_argument("--steps", type=int, default=10, help="train steps per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per measurement (median reported)")
@@ -228,27 +243,23 @@ def main() -> None:
     results = ResultFile(args.out, {"benchmark": "model_speed", "steps": args.steps, "repeats": args.repeats,
                                     "shapes": {t: [asdict(s) for s in v] for t, v in SHAPES.items()}})
     for task in args.tasks:
-        try:
-            variants = available_variants(task)
-        except ValueError:
-            print(f"task {task!r} is not registered here; skipped")
-            continue
-        for shape, config, variant in itertools.product(SHAPES[task], configs, variants):
-            if (args.variants and variant not in args.variants) or (args.shapes and shape.name not in args.shapes):
+        for shape, config, row in itertools.product(SHAPES[task], configs, table_rows(task)):
+            name = row_name(*row)
+            if (args.rows and name not in args.rows) or (args.shapes and shape.name not in args.shapes):
                 continue
-            entry = {"task": task, "variant": variant, "shape": shape.name, "config": str(config),
+            entry = {"task": task, "backbone": row[0], "variant": name, "shape": shape.name, "config": str(config),
                      "host_batches": args.host_batches,
-                     **measure(task, variant, shape, config, args.steps, args.repeats, args.host_batches)}
+                     **measure(task, row, shape, config, args.steps, args.repeats, args.host_batches)}
             torch.cuda.empty_cache()  # the measured model is gone with measure()'s frame
             if config.graph and args.check_graph:
-                entry["graph_vs_eager_max_relative_loss_difference"] = graph_matches_eager(task, variant, shape, config)
+                entry["graph_vs_eager_max_relative_loss_difference"] = graph_matches_eager(task, row, shape, config)
             results.add(entry)
-            print(f"{task:14s} {shape.name:6s} {variant:9s} {config!s:16s} step {entry['train_step']['median_ms']:7.1f} ms"
+            print(f"{task:14s} {shape.name:6s} {name:9s} {config!s:16s} step {entry['train_step']['median_ms']:7.1f} ms"
                   f"  infer {entry['inference']['median_ms']:6.1f} ms  peak {entry['peak_memory_gib']:5.2f} GiB"
                   f"  {entry['parameters_m']:6.2f} M  {entry['gmacs_per_sample']:7.1f} GMAC", flush=True)
-            if args.profile and variant == "miccss":
+            if args.profile and name == "miccss":
                 args.profile.mkdir(parents=True, exist_ok=True)
-                profile_train_step(task, variant, shape, config, args.profile)
+                profile_train_step(task, row, shape, config, args.profile)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnmamba.models import build_model
+from nnmamba.backbones import NNMAMBA, build_network
 
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.pt"
@@ -22,12 +22,18 @@ PREDICTION_FILE = "prediction.json"
 
 
 def model_from_arch(arch: dict) -> nn.Module:
-    """Build the untrained network an architecture record describes."""
-    return build_model(arch["task"], arch["variant"], arch["in_channels"], arch["out_channels"], **arch["kwargs"])
+    """Build the untrained network an architecture record describes.
+
+    Bundles written before competitor backbones existed have no `backbone` (they are nnMamba's)
+    and no `input_shape` (nnMamba takes any multiple of 16).
+    """
+    return build_network(arch["task"], arch.get("backbone", NNMAMBA), arch.get("variant"), arch["in_channels"],
+                         arch["out_channels"], arch.get("input_shape", ()), **arch["kwargs"])
 
 
 def save_bundle(directory: Path, arch: dict, state_dict: dict, prediction: dict | None = None) -> None:
-    """Write a bundle; `arch` needs task, variant, in_channels, out_channels and kwargs.
+    """Write a bundle; `arch` needs task, backbone, variant (nnMamba's), in_channels, out_channels,
+    input_shape (the patch, or the whole volume for classification) and kwargs.
 
     `prediction` is the record `nnmamba.predict` needs to run on raw images (optional:
     a bundle without it can still be loaded and evaluated on preprocessed data).

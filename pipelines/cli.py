@@ -1,7 +1,7 @@
 """The `nnmamba` command line.
 
     nnmamba predict --model models/amos_ct/miccss-seed0 --input scans/ --output labels/ [--tta] [--device cpu]
-    nnmamba predict --model models:/nnmamba-seg-amos_ct-miccss/1 --input amos_0507.nii.gz --output labels/
+    nnmamba predict --model models:/nnmamba-seg-amos_ct-nnmamba-miccss/1 --input amos_0507.nii.gz --output labels/
 
 `--model` is a model bundle folder (what `dvc repro` exports to `models/<study>/<variant>-seed<seed>/`)
 or a registered MLflow model, `models:/<name>/<version>` (tracking URI: `--tracking-uri`, else

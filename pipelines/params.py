@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from nnmamba.backbones import NNMAMBA, UNAVAILABLE, available_backbones
 from nnmamba.data.loading.augmentation import Augmentation
 from nnmamba.data.preprocessing.plan import PlanSettings
 from pipelines.tasks import TASK_NAMES
@@ -101,7 +102,9 @@ class HeatmapSpec(Spec):
 
 
 class TrainSpec(Spec):
-    variants: tuple[str, ...]
+    backbones: tuple[str, ...] = (NNMAMBA,)     # nnmamba (its `variants`) and competitors (nnmamba/backbones.py)
+    backbone_options: dict[str, dict[str, Any]] = {}   # per competitor: options of its constructor
+    variants: tuple[str, ...]                   # nnMamba's ablation variants
     seeds: tuple[int, ...]
     epochs: int
     steps_per_epoch: int
@@ -129,7 +132,13 @@ class TrainSpec(Spec):
 
     def grid_free(self) -> dict[str, Any]:
         """Everything but the grid's own axes: what makes two trials of one (variant, seed) differ."""
-        return self.model_dump(mode="json", exclude={"variants", "seeds"}, exclude_none=True)
+        return self.model_dump(mode="json", exclude={"backbones", "variants", "seeds"}, exclude_none=True)
+
+    def grid(self) -> list[tuple[str, str]]:
+        """(backbone, row) of every model the study trains per seed: nnMamba's variants (the row is
+        the variant), then each competitor (the row is its name)."""
+        rows = [(NNMAMBA, variant) for variant in self.variants] if NNMAMBA in self.backbones else []
+        return rows + [(backbone, backbone) for backbone in self.backbones if backbone != NNMAMBA]
 
 
 class EvaluateSpec(Spec):
@@ -204,7 +213,8 @@ class TrialSpec(Spec):
     """
 
     study: StudySpec
-    variant: str
+    backbone: str
+    variant: str                                # the table row: nnMamba's variant, or the backbone's name
     seed: int
     digest: str
     storage_path: str                           # Ray Train checkpoints (a path or s3://...)
@@ -306,10 +316,18 @@ def apply_preset(ray_section: dict, path: Path) -> tuple[dict, Path | None]:
 
 
 def _check_study(study: StudySpec, where: tuple, path: Path) -> None:
-    """What pydantic's types cannot say: the task and the init are ones the pipeline knows."""
+    """What pydantic's types cannot say: the task and the backbones are ones the pipeline knows."""
     if study.task not in TASK_NAMES:
         raise ParamsError(f"{path}: {_dotted((*where, 'task'))}: unknown task {study.task!r}"
                           f"{_did_you_mean(study.task, TASK_NAMES)} (known: {sorted(TASK_NAMES)})")
+    known = available_backbones(study.task)
+    for backbone in (*study.train.backbones, *study.train.backbone_options):
+        if backbone in UNAVAILABLE:
+            raise ParamsError(f"{path}: study {study.name}: train.backbones: {backbone!r} is not available: "
+                              f"{UNAVAILABLE[backbone]}")
+        if backbone not in known:
+            raise ParamsError(f"{path}: study {study.name}: train.backbones: unknown {study.task} backbone "
+                              f"{backbone!r}{_did_you_mean(backbone, known)} (known: {', '.join(known)})")
 
 
 class _Origins:

@@ -19,7 +19,6 @@ from pathlib import Path
 from pipelines import workspace
 from pipelines.params import load_params
 from pipelines.reports.ablation import ablation_report
-from pipelines.resolve import resolve_study
 from pipelines.tasks import TASK_NAMES, get_task
 from pipelines.tracking import attach_to_parent_run
 
@@ -29,8 +28,7 @@ def report() -> list[Path]:
     out_dir = workspace.resolve(workspace.REPORTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = load_params()
-    evaluated = [resolve_study(study) for study in params.studies.values()
-                 if workspace.load_summary(study.name) is not None]
+    evaluated = [study for study in params.studies.values() if workspace.load_summary(study.name) is not None]
     tables = []
     for task in TASK_NAMES:
         studies = [study for study in evaluated if study.task == task]

@@ -92,15 +92,16 @@ class StudyRuns:
             self._log_params(run_id, params)
         return run_id
 
-    def child(self, parent_id: str, variant: str, seed: int, params: Mapping[str, str]) -> str:
-        """The (variant, seed) trial's run under the parent; params are logged once, at creation."""
-        tags = {**self._base_tags(), "run_type": "trial", "variant": variant, "seed": str(seed),
+    def child(self, parent_id: str, backbone: str, variant: str, seed: int, params: Mapping[str, str]) -> str:
+        """The trial's run under the parent (`variant`: nnMamba's, or the backbone's name); params are
+        logged once, at creation."""
+        tags = {**self._base_tags(), "run_type": "trial", "backbone": backbone, "variant": variant, "seed": str(seed),
                 "mlflow.parentRunId": parent_id}
         run_id = self._find(tags)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{variant}-seed{seed}")
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=workspace.trial_name(variant, seed))
             run_id = run.info.run_id
-            self._log_params(run_id, {**params, "variant": variant, "seed": str(seed)})
+            self._log_params(run_id, {**params, "backbone": backbone, "variant": variant, "seed": str(seed)})
         return run_id
 
     def children(self, parent_id: str) -> dict[tuple[str, int], str]:

@@ -39,6 +39,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, WEIGHTS_FILE, load_bundle, save_bundle
+from nnmamba.backbones import NNMAMBA, get_backbone
 from nnmamba.models import available_variants
 from pipelines import workspace
 from pipelines.cluster import connect_ray
@@ -78,12 +79,12 @@ def init_fingerprint(study: StudySpec) -> str | None:
     if upstream is None:
         return None
     digest = hashlib.sha256()
-    for variant in study.train.variants:
+    for _, variant in study.train.grid():
         for seed in study.train.seeds:
             weights = upstream / workspace.trial_name(variant, seed) / WEIGHTS_FILE
             if not weights.is_file():
                 raise ValueError(f"study {study.name}: no upstream model for {variant} seed {seed} "
-                                 f"({weights} is missing); train the same variants and seeds in {upstream.name}")
+                                 f"({weights} is missing); train the same models and seeds in {upstream.name}")
             digest.update(weights.read_bytes())
     return digest.hexdigest()[:10]
 
@@ -107,24 +108,32 @@ def prediction_record(study: StudySpec, index: dict) -> dict | None:
             "patch_size": list(study.train.patch_size), "overlap": study.evaluate.overlap}
 
 
-def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialSpec]:
-    """Every (variant, seed) of the study's grid, made runnable: the one place a trial is assembled."""
-    index, split = workspace.load_index(study.name), workspace.load_split(study.name)
-    upstream = init_models(study)
-    arch = {
+def architecture(study: StudySpec, index: dict, backbone: str, variant: str) -> dict:
+    """The bundle's architecture record of one grid row (nnmamba.checkpoint builds the network from it)."""
+    nnmamba = backbone == NNMAMBA
+    return {
         "task": study.task,
+        "backbone": backbone,
+        "variant": variant if nnmamba else None,
         "in_channels": len(index["channels"]),
         # One output channel per label (segmentation, classification) or per landmark heatmap.
         "out_channels": len(index["labels"] if "labels" in index else index["landmarks"]),
-        "kwargs": study.model.kwargs(),
+        "input_shape": list(get_task(study.task).input_shape(study)),
+        "kwargs": study.model.kwargs() if nnmamba else dict(study.train.backbone_options.get(backbone, {})),
     }
+
+
+def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialSpec]:
+    """Every (backbone, variant, seed) of the study's grid, made runnable: the one place a trial is assembled."""
+    index, split = workspace.load_index(study.name), workspace.load_split(study.name)
+    upstream = init_models(study)
     return [
-        TrialSpec(study=study, variant=variant, seed=seed, digest=digest, storage_path=storage_path,
-                  dataset_dir=str(workspace.path(workspace.PREPROCESSED, study=study.name)),
+        TrialSpec(study=study, backbone=backbone, variant=variant, seed=seed, digest=digest,
+                  storage_path=storage_path, dataset_dir=str(workspace.path(workspace.PREPROCESSED, study=study.name)),
                   train_cases=split["train"], val_cases=split["val"],
                   init_dir=str(upstream / workspace.trial_name(variant, seed)) if upstream else None,
-                  arch={**arch, "variant": variant}, prediction=prediction_record(study, index))
-        for variant in study.train.variants for seed in study.train.seeds
+                  arch=architecture(study, index, backbone, variant), prediction=prediction_record(study, index))
+        for backbone, variant in study.train.grid() for seed in study.train.seeds
     ]
 
 
@@ -183,7 +192,8 @@ class MLflowTrialCallback(ray.tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         spec: TrialSpec = trial.config["trial"]
-        self.run_ids[trial.trial_id] = self.runs.child(self.parent_id, spec.variant, spec.seed, self.params)
+        self.run_ids[trial.trial_id] = self.runs.child(self.parent_id, spec.backbone, spec.variant, spec.seed,
+                                                       self.params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items()
@@ -213,21 +223,26 @@ def export_trial(result, trial: TrialSpec, out_dir: Path, run_id: str, register_
         mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
                                  serialization_format="pickle", extra_files=extra_files)
     metric, _ = task.selection(bool(trial.val_cases))
-    return {"variant": trial.variant, "seed": trial.seed, "run_id": run_id, "model_dir": str(out_dir),
+    return {"backbone": trial.backbone, "variant": trial.variant, "seed": trial.seed, "run_id": run_id,
+            "model_dir": str(out_dir),
             f"best_{metric}": result.metrics[f"best_{metric}"], "best_epoch": result.metrics["best_epoch"]}
 
 
-def check_variants(study: StudySpec) -> None:
+def check_grid(study: StudySpec) -> None:
+    """Stop before Ray starts when a variant is unknown or a backbone cannot take the study's input shape."""
     unknown = [v for v in study.train.variants if v not in available_variants(study.task)]
-    if unknown:
+    if unknown and NNMAMBA in study.train.backbones:
         raise ValueError(f"study {study.name}: variants {unknown} are not {study.task} variants "
                          f"(known: {list(available_variants(study.task))}); set studies.{study.name}.train.variants")
+    for backbone in study.train.backbones:
+        if backbone != NNMAMBA:
+            get_backbone(study.task, backbone).check_input(get_task(study.task).input_shape(study))
 
 
 def train(name: str) -> list[dict]:
     """Run the study's ablation grid and export its models; returns one summary row per trial."""
     study = resolve_study(load_params().study(name))
-    check_variants(study)
+    check_grid(study)
     digest = study_digest(study)
     storage = study.ray.storage_path
     storage = storage if "://" in storage else str(workspace.resolve(storage))
@@ -262,8 +277,10 @@ def train(name: str) -> list[dict]:
     rows = []
     for result in sorted(results, key=lambda r: (r.config["trial"].variant, r.config["trial"].seed)):
         trial: TrialSpec = result.config["trial"]
-        # Registered names are `<experiment>-<variant>`, e.g. nnmamba-seg-brats2023-miccss.
-        registered = f"{experiment_name(study)}-{trial.variant}" if register else None
+        # Registered as `<experiment>-<backbone>[-<variant>]`: nnmamba-seg-brats2023-nnmamba-miccss, ...-segresnet.
+        registered = f"{experiment_name(study)}-{trial.backbone}" if register else None
+        if registered and trial.backbone == NNMAMBA:
+            registered += f"-{trial.variant}"
         rows.append(export_trial(result, trial, models_dir / trial.name, children[(trial.variant, trial.seed)],
                                  registered))
     workspace.write_json(workspace.path(workspace.TRIALS, study=name),

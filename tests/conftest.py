@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from project_copy import fresh_project
 
 if TYPE_CHECKING:  # the GPU machines run the kernel tests without SimpleITK installed
     import SimpleITK as sitk
@@ -136,6 +135,8 @@ CLUSTER_STUDY = {
 def cluster_project(tmp_path_factory) -> dict:
     """The code (a git repo, as `ray job submit --working-dir` uploads it) and a separate workspace,
     standing in for shared storage, where the real stages prepared the tiny study's data."""
+    from project_copy import fresh_project  # here: the GPU machines run the kernel tests without the pipeline stack
+
     code = fresh_project(tmp_path_factory.mktemp("code"), CLUSTER_STUDY)
     workspace = tmp_path_factory.mktemp("workspace")
     for stage in ("synthesize", "prepare", "split"):

@@ -185,7 +185,7 @@ def test_runs_read_back_over_rest(tracked, mlflow_server):
     models = rest(tracked["url"], "POST", "logged-models/search",
                   json={"experiment_ids": [tracked["experiment"]["experiment_id"]]})["models"]
     assert [m["info"]["source_run_id"] for m in models] == [child["info"]["run_id"]]
-    registered = rest(tracked["url"], "GET", "registered-models/get", params={"name": f"{EXPERIMENT}-mic"})
+    registered = rest(tracked["url"], "GET", "registered-models/get", params={"name": f"{EXPERIMENT}-nnmamba-mic"})
     assert [v["run_id"] for v in registered["registered_model"]["latest_versions"]] == [child["info"]["run_id"]]
     stored = list(Path(mlflow_server["artifacts"]).rglob("MLmodel"))
     assert len(stored) == 1, "the logged model's files are not in the server's artifact store"

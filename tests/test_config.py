@@ -70,6 +70,9 @@ def test_specs_are_frozen_and_typed():
     (lambda p: p["model"].pop("d_state"), r"model\.d_state: missing key"),
     (lambda p: p["studies"]["brats2023"].update(task="segmentaton"), r"unknown task 'segmentaton'; did you mean 'segmentation'"),
     (lambda p: p["ray"].update(preset="gpu1"), r"ray\.preset 'gpu1' has no file.*did you mean 'gpu-1'"),
+    (lambda p: p["studies"]["brats2023"].update(train={"backbones": ["nnmamba", "segresnt"]}),
+     r"study brats2023: train\.backbones: unknown segmentation backbone 'segresnt'; did you mean 'segresnet'"),
+    (lambda p: p["train"].update(backbones=["nnformer"]), r"'nnformer' is not available: no maintained package"),
 ])
 def test_bad_params_name_the_key_the_file_and_close_matches(tmp_path, edit, message):
     params = real_params()

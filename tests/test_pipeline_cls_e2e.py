@@ -135,16 +135,17 @@ def test_mlflow_holds_each_study_as_an_ablation(repro, study):
     model = mlflow.pytorch.load_model(models[0].model_uri).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2)
-    assert len(client.search_model_versions(f"name = 'nnmamba-cls-adni-{study}-sequence'")) == len(SEEDS)
+    assert len(client.search_model_versions(f"name = 'nnmamba-cls-adni-{study}-nnmamba-sequence'")) == len(SEEDS)
 
 
 def test_report_puts_both_tasks_side_by_side(repro):
     root, _ = repro
     table = (root / "reports/adni_classification_table.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| Method"))
-    assert [c.strip() for c in header.strip("|").split("|")] == [
-        "Method", "NC vs AD ACC", "NC vs AD F1", "NC vs AD AUC", "sMCI vs pMCI ACC", "sMCI vs pMCI F1",
-        "sMCI vs pMCI AUC"]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:2] == ["Method", "Params (M)"] and columns[2].startswith("GMACs 1×")
+    assert columns[3:] == ["NC vs AD ACC", "NC vs AD F1", "NC vs AD AUC", "sMCI vs pMCI ACC", "sMCI vs pMCI F1",
+                           "sMCI vs pMCI AUC"]
     summary = json.loads((root / "metrics/adni_mci/test_summary.json").read_text())
     auc = summary["sequence"]["test_auc"]
     row = next(line for line in table.splitlines() if line.startswith("| +Sequence"))

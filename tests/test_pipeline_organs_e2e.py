@@ -93,12 +93,18 @@ def test_mlflow_runs_and_reports(repro):
     root, _ = repro
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     for study in ("amos_ct", "abdomen_mha"):
-        expected = VARIANTS if study == "amos_ct" else ["miccss"]
+        # params.yaml trains SegResNet beside nnMamba on amos_ct: a fourth row of every table
+        expected = [*VARIANTS, "segresnet"] if study == "amos_ct" else ["miccss"]
         parent, children = ablation_runs(client, f"nnmamba-seg-{study}", expected, [0])
         assert all("test_dice_liver" in r.data.metrics and "test_hd95_mean" in r.data.metrics for r in children)
         assert "miccss_test_dice_liver_mean" in parent.data.metrics
+    backbones = {r.data.tags["variant"]: r.data.tags["backbone"]
+                 for r in ablation_runs(client, "nnmamba-seg-amos_ct", [*VARIANTS, "segresnet"], [0])[1]}
+    assert backbones == {"baseline": "nnmamba", "miccss": "nnmamba", "segresnet": "segresnet"}
+    assert client.search_model_versions("name = 'nnmamba-seg-amos_ct-segresnet'")
     table = (root / "reports/amos22_table2.md").read_text()
-    for text in ("Params (M)", "GFLOPs 1×128³", "CT-Test mDice (%)", "MR-Test mNSD (%)", "+MICCSS", "Baseline"):
+    for text in ("Params (M)", "GMACs 1×128×128×128", "CT-Test mDice (%)", "MR-Test mNSD (%)", "+MICCSS", "Baseline",
+                 "| SegResNet |"):
         assert text in table
     assert "Dice liver" in (root / "reports/amos_ct_table.md").read_text()
     assert "No labelled test case" in (root / "reports/amos_mr_table.md").read_text()
@@ -110,7 +116,7 @@ def test_mlflow_runs_and_reports(repro):
 def test_predict_from_the_model_registry(repro):
     root, env = repro
     raw = root / "data/raw/synthetic/amos22/imagesTs/amos_0504.nii.gz"
-    run_in(root, "python", "-m", "pipelines.cli", "predict", "--model", "models:/nnmamba-seg-amos_mr-miccss/1",
+    run_in(root, "python", "-m", "pipelines.cli", "predict", "--model", "models:/nnmamba-seg-amos_mr-nnmamba-miccss/1",
            "--input", raw, "--output", root / "cli_out", "--device", "cpu", "--tracking-uri",
            f"sqlite:///{root}/mlflow.db", env=env)
     labels = sitk.GetArrayFromImage(same_geometry(root / "cli_out/amos_0504.nii.gz", raw))

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from nnmamba.backbones import build_network
 from nnmamba.checkpoint import save_bundle
 from nnmamba.data.errors import DataError
 from nnmamba.data.synthetic.amos import write_synthetic_amos
@@ -143,3 +144,26 @@ def test_cli_predicts_with_a_model_bundle(mha_inputs: Path, tmp_path: Path) -> N
     assert set(np.unique(labels)) <= {0, 1}
     with pytest.raises(SystemExit, match=r"nnmamba predict: input .*missing does not exist"):
         main([*command[3:7], str(tmp_path / "missing"), *command[8:]])
+
+
+@pytest.mark.parametrize(("backbone", "options"), [("segresnet", {"init_filters": 8}),
+                                                    ("unetr", {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96,
+                                                               "num_heads": 4})])
+def test_cli_predicts_with_a_competitor_backbones_bundle(mha_inputs: Path, tmp_path: Path, backbone: str,
+                                                          options: dict) -> None:
+    """A bundle of any backbone predicts through the CLI exactly as the network it was saved from."""
+    patch = [32, 32, 16]
+    torch.manual_seed(0)
+    network = build_network("segmentation", backbone, None, 2, 2, patch, **options).eval()
+    arch = {"task": "segmentation", "backbone": backbone, "variant": None, "in_channels": 2, "out_channels": 2,
+            "input_shape": patch, "kwargs": options}
+    record = _record(["CT", "MR"], patch=patch)
+    save_bundle(tmp_path / "bundle", arch, network.state_dict(), record)
+    command = [sys.executable, "-m", "pipelines.cli", "predict", "--model", str(tmp_path / "bundle"),
+               "--input", str(mha_inputs / "case_001_0000.mha"), "--output", str(tmp_path / "out"), "--device", "cpu"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = predict_cases(network, record, find_input_cases(mha_inputs / "case_001_0000.mha", ["CT", "MR"]),
+                             tmp_path / "in_process", device="cpu", progress=False)[0]
+    written = same_geometry(tmp_path / "out/case_001.mha", mha_inputs / "case_001_0000.mha")
+    assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(sitk.ReadImage(str(expected))))

@@ -14,7 +14,8 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from pipelines import workspace  # noqa: E402
 from pipelines.params import StudySpec  # noqa: E402
-from pipelines.reports.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
+from pipelines.reports.complexity import COUNTER, RowComplexity, row_complexity, shape_label  # noqa: E402
+from pipelines.reports.tables import cell, markdown_table, row_label  # noqa: E402
 from pipelines.tasks.classification import probability_columns  # noqa: E402
 from pipelines.tracking import attach_to_parent_run  # noqa: E402
 
@@ -22,17 +23,20 @@ from pipelines.tracking import attach_to_parent_run  # noqa: E402
 CLASSIFICATION_METRICS = {"test_acc": "ACC", "test_f1": "F1", "test_auc": "AUC"}
 
 
-def classification_table(dataset: str, results: dict[str, dict]) -> str:
-    """Table 3 shape: one row per variant, ACC/F1/AUC (%) of each study (`results[title] = summary`) side by side."""
+def classification_table(dataset: str, results: dict[str, dict], complexity: dict[str, RowComplexity],
+                         shape: tuple[int, ...]) -> str:
+    """Table 3 shape: one row per variant or backbone, its size and compute, then ACC/F1/AUC (%) of each
+    study (`results[title] = summary`) side by side."""
     variants = list(dict.fromkeys(v for summary in results.values() for v in summary))
-    header = ["Method"] + [f"{title} {name}" for title in results for name in CLASSIFICATION_METRICS.values()]
+    header = (["Method", "Params (M)", f"GMACs {shape_label(shape)}"]
+              + [f"{title} {name}" for title in results for name in CLASSIFICATION_METRICS.values()])
     rows = [
-        [VARIANT_LABELS.get(v, v)]
+        [row_label(v), *(complexity[v].cells(shape) if v in complexity else ["–", "–"])]
         + [cell(summary[v][metric], 100) if v in summary else "–" for summary in results.values()
            for metric in CLASSIFICATION_METRICS]
         for v in variants
     ]
-    return (f"## {dataset}: classification, ACC / F1 / AUC (%), mean ± std over seeds\n\n"
+    return (f"## {dataset}: classification, ACC / F1 / AUC (%), mean ± std over seeds\n\n{COUNTER}\n\n"
             + markdown_table(header, rows))
 
 
@@ -45,7 +49,7 @@ def roc_chart(title: str, per_case: pd.DataFrame, summary: dict, path: Path) -> 
         auc = summary[variant]["test_auc"]
         for number, (_, seed_frame) in enumerate(frame.groupby("seed")):
             fpr, tpr, _ = roc_curve(seed_frame["target"] == positive_index, seed_frame[positive])
-            label = f"{VARIANT_LABELS.get(variant, variant)} (AUC {cell(auc, 100)})" if number == 0 else None
+            label = f"{row_label(variant)} (AUC {cell(auc, 100)})" if number == 0 else None
             ax.plot(fpr, tpr, color=colour, alpha=0.8, label=label)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set_xlabel("false positive rate")
@@ -75,7 +79,9 @@ def classification_reports(studies: list[StudySpec], out_dir: Path) -> list[Path
     for dataset in dict.fromkeys(result["dataset"] for result in evaluated):
         results = [result for result in evaluated if result["dataset"] == dataset]
         table = out_dir / f"{dataset}_classification_table.md"
-        table.write_text(classification_table(dataset, {r["title"]: r["summary"] for r in results}))
+        first = results[0]["study"]
+        table.write_text(classification_table(dataset, {r["title"]: r["summary"] for r in results},
+                                              row_complexity(first.name), first.prepare.shape))
         for result in results:
             attach_to_parent_run(result["study"], [table, result["roc"]])
         tables.append(table)

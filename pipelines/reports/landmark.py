@@ -18,7 +18,8 @@ from nnmamba.data.readers.landmarks import read_landmarks  # noqa: E402
 from nnmamba.heatmaps import world_to_voxel  # noqa: E402
 from pipelines import workspace  # noqa: E402
 from pipelines.params import StudySpec  # noqa: E402
-from pipelines.reports.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
+from pipelines.reports.complexity import COUNTER, RowComplexity, row_complexity, shape_label  # noqa: E402
+from pipelines.reports.tables import cell, markdown_table, row_label  # noqa: E402
 from pipelines.tracking import attach_to_parent_run  # noqa: E402
 
 
@@ -27,12 +28,14 @@ def spaced(name: str) -> str:
     return re.sub(r"(\D)(\d+)$", r"\1 \2", name)
 
 
-def landmark_table(study: str, summary: dict, names: list[str]) -> str:
-    """Table 4 shape: MRE (mm) per landmark and averaged, one row per ablation variant."""
-    header = ["Method"] + [spaced(n) for n in names] + ["Average"]
-    rows = [[VARIANT_LABELS.get(v, v)] + [cell(summary[v][f"test_mre_mm_{n}"]) for n in names + ["mean"]]
+def landmark_table(study: str, summary: dict, names: list[str], complexity: dict[str, RowComplexity],
+                   patch: tuple[int, ...]) -> str:
+    """Table 4 shape: size, compute and MRE (mm) per landmark and averaged, one row per variant or backbone."""
+    header = ["Method", "Params (M)", f"GMACs {shape_label(patch)}"] + [spaced(n) for n in names] + ["Average"]
+    rows = [[row_label(v), *complexity[v].cells(patch)] + [cell(summary[v][f"test_mre_mm_{n}"])
+                                                          for n in names + ["mean"]]
             for v in summary]
-    return f"## {study}: MRE (mm), mean ± std over seeds\n\n" + markdown_table(header, rows)
+    return f"## {study}: MRE (mm), mean ± std over seeds\n\n{COUNTER}\n\n" + markdown_table(header, rows)
 
 
 def landmark_figure(study: str, names: list[str], trials: list[dict], path: Path) -> None:
@@ -65,7 +68,7 @@ def landmark_figure(study: str, names: list[str], trials: list[dict], path: Path
             ax.autoscale(False)  # the slice's extent, whatever the points
             ax.scatter(truth[:, h], truth[:, v], s=60, facecolors="none", edgecolors=colours, linewidths=1.5)
             ax.scatter(predicted[:, h], predicted[:, v], s=50, c=colours, marker="x")
-            ax.set_title(f"{VARIANT_LABELS.get(variant, variant)} seed {shown[variant]['seed']}: {plane}"
+            ax.set_title(f"{row_label(variant)} seed {shown[variant]['seed']}: {plane}"
                          + (f", MRE {mre:.1f} mm" if col == 0 else ""), fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -88,7 +91,8 @@ def landmark_reports(studies: list[StudySpec], out_dir: Path) -> list[Path]:
             continue
         names = list(get_layout(study.dataset.layout).labels.values())
         table, figure = out_dir / f"{study.name}_table.md", out_dir / f"{study.name}_landmarks.png"
-        table.write_text(landmark_table(study.name, summary, names))
+        table.write_text(landmark_table(study.name, summary, names, row_complexity(study.name),
+                                        study.train.patch_size))
         landmark_figure(study.name, names, workspace.load_trials(study.name)["trials"], figure)
         attach_to_parent_run(study, [table, figure])
         tables.append(table)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from nnmamba.backbones import BACKBONES
+
 VARIANT_LABELS = {"baseline": "Baseline", "mic": "+MIC", "miccss": "+MICCSS", "sequence": "+Sequence"}
+BACKBONE_LABELS = {name: backbone.label for task in BACKBONES.values() for name, backbone in task.items()}
+
+
+def row_label(row: str) -> str:
+    """A table row's name: nnMamba's ablation variants as the paper's Table 5 prints them, competitor
+    backbones by their published names."""
+    return VARIANT_LABELS.get(row) or BACKBONE_LABELS.get(row, row)
 
 
 def cell(stats: dict, scale: float = 1.0) -> str:

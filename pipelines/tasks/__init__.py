@@ -54,7 +54,7 @@ class Task:
       `selection_metric` picks a trial's checkpoint (`selection_mode`: max or min).
     - `input_shape(study)`: the spatial shape the network is fed (the MLflow model's example input).
     - `report(studies, settings, out_dir)`: paper-shaped tables and figures of its evaluated
-      studies; returns the tables to print.
+      studies (as params.yaml gives them, unresolved); returns the tables to print.
     - `mlflow_prefix`: the experiment of a study is `nnmamba-<prefix>-<dataset>`.
     """
 

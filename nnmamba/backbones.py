@@ -1,0 +1,175 @@
+"""The competitor backbones of the paper's Tables 1-4, built from the libraries that maintain them.
+
+nnMamba itself is the `nnmamba` backbone (its ablation variants are `nnmamba.models`'); every
+other backbone comes from MONAI, configured as its authors publish it unless `options` say
+otherwise. A backbone that needs a particular input shape (divisibility by its total
+downsampling, or one fixed size for the ViT-based ones) says so when built with another.
+
+Not available, as no maintained package ships them: nnFormer, CoTr (segmentation), CRATE
+(classification) and ViTPose (landmarks) exist only as research repositories; see
+`UNAVAILABLE` for the reasons the report prints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from monai.networks import nets
+from torch import nn
+
+from nnmamba.models import available_variants, build_model
+
+NNMAMBA = "nnmamba"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A network a study can train in place of nnMamba.
+
+    `build(in_channels, out_channels, input_shape, **options)`; `divisor`: every axis of the input
+    must be a multiple of it; `bottleneck_voxels`: the fewest voxels the deepest feature map may have
+    (instance norm needs two); `fixed_input`: the network is built for exactly one input shape (a
+    sliding window then has to use that shape); `reference`: (parameters in millions, in_channels,
+    out_channels, input_shape, options, source) of a published configuration, which the tests
+    check our build against.
+    """
+
+    name: str
+    task: str
+    label: str
+    source: str
+    build: Callable[..., nn.Module]
+    divisor: int
+    bottleneck_voxels: int = 1
+    fixed_input: bool = False
+    reference: tuple[float, int, int, tuple[int, int, int], dict, str] | None = None
+
+    def check_input(self, input_shape: Sequence[int]) -> None:
+        """Stop with what would work when `input_shape` (the patch) does not suit the network."""
+        bad = [size for size in input_shape if size % self.divisor]
+        if bad:
+            fitting = tuple(max(self.divisor, round(s / self.divisor) * self.divisor) for s in input_shape)
+            raise ValueError(f"backbone {self.name} ({self.source}) downsamples by {self.divisor} along every axis, "
+                             f"so the patch must be a multiple of {self.divisor} on each; got {tuple(input_shape)}: "
+                             f"set train.patch_size to e.g. {fitting}")
+        if math.prod(size // self.divisor for size in input_shape) < self.bottleneck_voxels:
+            raise ValueError(f"backbone {self.name} ({self.source}) needs at least {self.bottleneck_voxels} voxels in "
+                             f"its deepest feature map (the patch / {self.divisor} per axis); got {tuple(input_shape)}: "
+                             f"double the patch along one axis")
+
+
+class LogitsOnly(nn.Module):
+    """MONAI's classification ViT returns (logits, hidden states); the pipeline wants the logits."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)[0]
+
+
+def _unetr(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
+    return nets.UNETR(in_channels, out_channels, img_size=tuple(input_shape), **options)
+
+
+def _swinunetr(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
+    return nets.SwinUNETR(in_channels=in_channels, out_channels=out_channels, **({"feature_size": 48} | options))
+
+
+def _vnet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
+    if 16 % in_channels:
+        raise ValueError(f"backbone vnet (monai.networks.nets.VNet) needs 16 divisible by the number of input "
+                         f"channels; got {in_channels}")
+    return nets.VNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
+
+
+def _segresnet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
+    return nets.SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
+
+
+def _resunet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
+    """MONAI's residual UNet (the paper's ResUNet baseline for landmarks), heatmaps out."""
+    settings = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2} | options
+    return nets.UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **settings)
+
+
+def _resnet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
+    depth = options.pop("depth", 18)
+    return getattr(nets, f"resnet{depth}")(spatial_dims=3, n_input_channels=in_channels, num_classes=out_channels,
+                                           **options)
+
+
+def _densenet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
+    return nets.DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
+
+
+def _vit(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
+    settings = {"patch_size": 16} | options
+    return LogitsOnly(nets.ViT(in_channels, img_size=tuple(input_shape), classification=True,
+                               num_classes=out_channels, post_activation=None, **settings))
+
+
+_PAPER_AMOS = "paper Table 2 (AMOS, 1 channel, 16 classes)"
+BACKBONES: dict[str, dict[str, Backbone]] = {
+    "segmentation": {
+        "unetr": Backbone("unetr", "segmentation", "UNETR", "monai.networks.nets.UNETR", _unetr, 16, fixed_input=True,
+                          reference=(93.02, 1, 16, (96, 96, 96), {}, _PAPER_AMOS)),
+        "swinunetr": Backbone("swinunetr", "segmentation", "SwinUNETR", "monai.networks.nets.SwinUNETR", _swinunetr,
+                              32, bottleneck_voxels=2, reference=(62.83, 1, 16, (96, 96, 96), {}, _PAPER_AMOS)),
+        "vnet": Backbone("vnet", "segmentation", "VNet", "monai.networks.nets.VNet", _vnet, 16,
+                         reference=(45.65, 1, 16, (96, 96, 96), {}, _PAPER_AMOS)),
+        "segresnet": Backbone("segresnet", "segmentation", "SegResNet", "monai.networks.nets.SegResNet", _segresnet,
+                              8),
+    },
+    "landmark": {
+        "resunet": Backbone("resunet", "landmark", "ResUNet", "monai.networks.nets.UNet (residual units)", _resunet,
+                            16, bottleneck_voxels=2),
+    },
+    "classification": {
+        "resnet": Backbone("resnet", "classification", "ResNet", "monai.networks.nets.resnet18", _resnet, 1),
+        "densenet": Backbone("densenet", "classification", "DenseNet", "monai.networks.nets.DenseNet121",
+                             _densenet, 1),
+        "vit": Backbone("vit", "classification", "ViT", "monai.networks.nets.ViT", _vit, 16, fixed_input=True),
+    },
+}
+
+UNAVAILABLE = {
+    "nnformer": "no maintained package: only the authors' research repository (282857341/nnFormer)",
+    "cotr": "no maintained package: only the authors' research repository (YtongXie/CoTr), with its own CUDA "
+            "deformable-attention build",
+    "crate": "no maintained package of the 3D classifier: only research code (Ma-Lab-Berkeley/CRATE, 2D)",
+    "vitpose": "no maintained package of a 3D landmark ViTPose: only 2D human-pose code (ViTAE-Transformer/ViTPose)",
+}
+
+
+def available_backbones(task: str) -> tuple[str, ...]:
+    """`nnmamba` first, then the task's competitors in the order of the paper's tables."""
+    return (NNMAMBA, *BACKBONES.get(task, {}))
+
+
+def get_backbone(task: str, name: str) -> Backbone:
+    """The competitor `name` of `task`; a clear error names the known ones and why some are missing."""
+    if name in UNAVAILABLE:
+        raise ValueError(f"backbone {name!r} is not available: {UNAVAILABLE[name]}")
+    known = BACKBONES.get(task, {})
+    if name not in known:
+        raise ValueError(f"unknown backbone {name!r} for task {task!r}; known: {list(available_backbones(task))}")
+    return known[name]
+
+
+def build_network(task: str, backbone: str, variant: str | None, in_channels: int, out_channels: int,
+                  input_shape: Sequence[int], **options: Any) -> nn.Module:
+    """nnMamba's `variant`, or a competitor backbone with its own `options`, for inputs of `input_shape`."""
+    if backbone == NNMAMBA:
+        if variant not in available_variants(task):
+            raise ValueError(f"nnmamba needs one of the variants {list(available_variants(task))}; got {variant!r}")
+        return build_model(task, variant, in_channels, out_channels, **options)
+    spec = get_backbone(task, backbone)
+    spec.check_input(input_shape)
+    return spec.build(in_channels, out_channels, tuple(input_shape), **options)
+
