@@ -58,8 +58,8 @@ class Backbone:
                              f"set train.patch_size to e.g. {fitting}")
         if math.prod(size // self.divisor for size in input_shape) < self.bottleneck_voxels:
             raise ValueError(f"backbone {self.name} ({self.source}) needs at least {self.bottleneck_voxels} voxels in "
-                             f"its deepest feature map (the patch / {self.divisor} per axis); got {tuple(input_shape)}: "
-                             f"double the patch along one axis")
+                             f"its deepest feature map (the patch / {self.divisor} per axis); "
+                             f"got {tuple(input_shape)}: double the patch along one axis")
 
 
 class LogitsOnly(nn.Module):

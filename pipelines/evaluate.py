@@ -25,11 +25,12 @@ from pipelines.cluster import connect_ray
 from pipelines.params import StudySpec, load_params
 from pipelines.resolve import resolve_study
 from pipelines.tasks import get_task
+from pipelines.tasks.scoring import trial_key, trial_keys
 from pipelines.tracking import StudyRuns
 
 
 def summarise(per_seed: pd.DataFrame) -> dict:
-    """Per variant: mean and std over seeds of each seed's test metrics (the paper's mean ± std)."""
+    """Per variant: mean and std over seeds (and folds) of each trial's test metrics (the paper's mean ± std)."""
     if per_seed.empty:  # no labelled test case (AMOS imagesTs): predictions only
         return {}
     summary = {}
@@ -46,7 +47,7 @@ def log_to_mlflow(study: StudySpec, trials: dict, per_seed: pd.DataFrame, summar
         return
     runs = StudyRuns(study, trials["config_hash"])
     for trial in trials["trials"]:
-        runs.log_metrics(trial["run_id"], per_seed.loc[(trial["variant"], trial["seed"])].to_dict())
+        runs.log_metrics(trial["run_id"], per_seed.loc[trial_key(trial, per_seed.index.names)].to_dict())
     parent = {f"{variant}_{col}_{stat}": value
               for variant, cols in summary.items() for col, stats in cols.items() for stat, value in stats.items()}
     runs.log_metrics(trials["parent_run_id"], parent)
@@ -70,9 +71,12 @@ def evaluate(name: str) -> dict:
     for ref in tqdm(_as_completed(list(pending)), total=len(pending), desc=f"evaluate {name}", unit="model"):
         trial = pending[ref]
         scored = ray.get(ref)
-        evaluator.save(scored, out_root, workspace.trial_name(trial["variant"], trial["seed"]))
-        rows += [{"variant": trial["variant"], "seed": trial["seed"], **row} for row, _ in scored]
-    per_case = pd.DataFrame(rows).sort_values(["variant", "seed", "case_id"])
+        evaluator.save(scored, out_root, workspace.trial_name(trial["variant"], trial["seed"], trial["fold"]))
+        grid = {"variant": trial["variant"], "seed": trial["seed"],
+                **({} if trial["fold"] is None else {"fold": trial["fold"]})}
+        rows += [{**grid, **row} for row, _ in scored]
+    per_case = pd.DataFrame(rows)
+    per_case = per_case.sort_values([*trial_keys(per_case), "case_id"])
     per_case_file = workspace.path(workspace.TEST_PER_CASE, study=name)
     per_case_file.parent.mkdir(parents=True, exist_ok=True)
     per_case.to_csv(per_case_file, index=False)

@@ -70,10 +70,11 @@ class PrepareSpec(Spec):
 
 
 class SplitSpec(Spec):
-    method: Literal["random", "folders"] = "random"
+    method: Literal["random", "folders", "kfold"] = "random"
     seed: int
-    val: int | float                            # cases (int) or a fraction (< 1)
+    val: int | float                            # cases (int) or a fraction (< 1); kfold: unused (the folds validate)
     test: int | float
+    folds: int = 5                              # kfold: folds of the non-test cases, each one trial per model and seed
 
 
 class ModelSpec(Spec):
@@ -216,6 +217,7 @@ class TrialSpec(Spec):
     backbone: str
     variant: str                                # the table row: nnMamba's variant, or the backbone's name
     seed: int
+    fold: int | None = None                     # k-fold studies: the fold that validates this trial
     digest: str
     storage_path: str                           # Ray Train checkpoints (a path or s3://...)
     dataset_dir: str
@@ -227,7 +229,7 @@ class TrialSpec(Spec):
 
     @property
     def name(self) -> str:
-        return trial_name(self.variant, self.seed)
+        return trial_name(self.variant, self.seed, self.fold)
 
     @property
     def run_name(self) -> str:

@@ -92,24 +92,27 @@ class StudyRuns:
             self._log_params(run_id, params)
         return run_id
 
-    def child(self, parent_id: str, backbone: str, variant: str, seed: int, params: Mapping[str, str]) -> str:
-        """The trial's run under the parent (`variant`: nnMamba's, or the backbone's name); params are
-        logged once, at creation."""
-        tags = {**self._base_tags(), "run_type": "trial", "backbone": backbone, "variant": variant, "seed": str(seed),
-                "mlflow.parentRunId": parent_id}
+    def child(self, parent_id: str, backbone: str, variant: str, seed: int, fold: int | None,
+              params: Mapping[str, str]) -> str:
+        """The trial's run under the parent (`variant`: nnMamba's, or the backbone's name; `fold` in a
+        k-fold study); params are logged once, at creation."""
+        name = workspace.trial_name(variant, seed, fold)
+        grid = {"backbone": backbone, "variant": variant, "seed": str(seed),
+                **({} if fold is None else {"fold": str(fold)})}
+        tags = {**self._base_tags(), "run_type": "trial", **grid, "trial": name, "mlflow.parentRunId": parent_id}
         run_id = self._find(tags)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=workspace.trial_name(variant, seed))
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
             run_id = run.info.run_id
-            self._log_params(run_id, {**params, "backbone": backbone, "variant": variant, "seed": str(seed)})
+            self._log_params(run_id, {**params, **grid})
         return run_id
 
-    def children(self, parent_id: str) -> dict[tuple[str, int], str]:
-        """All trial runs under a parent, keyed by (variant, seed)."""
+    def children(self, parent_id: str) -> dict[str, str]:
+        """All trial runs under a parent, keyed by trial name (`workspace.trial_name`)."""
         runs = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000
         )
-        return {(r.data.tags["variant"], int(r.data.tags["seed"])): r.info.run_id for r in runs}
+        return {r.data.tags["trial"]: r.info.run_id for r in runs}
 
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         items = [mlflow.entities.Param(key, value) for key, value in params.items()]

@@ -123,17 +123,26 @@ def architecture(study: StudySpec, index: dict, backbone: str, variant: str) -> 
     }
 
 
+def fold_cases(split: dict) -> dict[int | None, tuple[list[str], list[str]]]:
+    """(train, val) case ids per fold: fold k validates on the k-th fold and trains on the others;
+    a split without folds is one entry, None."""
+    if "folds" not in split:
+        return {None: (split["train"], split["val"])}
+    return {k: (sorted(set(split["train"]) - set(fold)), fold) for k, fold in enumerate(split["folds"])}
+
+
 def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialSpec]:
-    """Every (backbone, variant, seed) of the study's grid, made runnable: the one place a trial is assembled."""
+    """Every (backbone, variant, seed, fold) of the study's grid, made runnable: the one place a trial is assembled."""
     index, split = workspace.load_index(study.name), workspace.load_split(study.name)
     upstream = init_models(study)
     return [
-        TrialSpec(study=study, backbone=backbone, variant=variant, seed=seed, digest=digest,
+        TrialSpec(study=study, backbone=backbone, variant=variant, seed=seed, fold=fold, digest=digest,
                   storage_path=storage_path, dataset_dir=str(workspace.path(workspace.PREPROCESSED, study=study.name)),
-                  train_cases=split["train"], val_cases=split["val"],
-                  init_dir=str(upstream / workspace.trial_name(variant, seed)) if upstream else None,
+                  train_cases=train, val_cases=val,
+                  init_dir=str(upstream / workspace.trial_name(variant, seed, fold)) if upstream else None,
                   arch=architecture(study, index, backbone, variant), prediction=prediction_record(study, index))
         for backbone, variant in study.train.grid() for seed in study.train.seeds
+        for fold, (train, val) in fold_cases(split).items()
     ]
 
 
@@ -193,7 +202,7 @@ class MLflowTrialCallback(ray.tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         spec: TrialSpec = trial.config["trial"]
         self.run_ids[trial.trial_id] = self.runs.child(self.parent_id, spec.backbone, spec.variant, spec.seed,
-                                                       self.params)
+                                                       spec.fold, self.params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items()
@@ -223,8 +232,8 @@ def export_trial(result, trial: TrialSpec, out_dir: Path, run_id: str, register_
         mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
                                  serialization_format="pickle", extra_files=extra_files)
     metric, _ = task.selection(bool(trial.val_cases))
-    return {"backbone": trial.backbone, "variant": trial.variant, "seed": trial.seed, "run_id": run_id,
-            "model_dir": str(out_dir),
+    return {"backbone": trial.backbone, "variant": trial.variant, "seed": trial.seed, "fold": trial.fold,
+            "run_id": run_id, "model_dir": str(out_dir),
             f"best_{metric}": result.metrics[f"best_{metric}"], "best_epoch": result.metrics["best_epoch"]}
 
 
@@ -275,14 +284,13 @@ def train(name: str) -> list[dict]:
     children = runs.children(parent_id)
     register = study.mlflow.register_models
     rows = []
-    for result in sorted(results, key=lambda r: (r.config["trial"].variant, r.config["trial"].seed)):
+    for result in sorted(results, key=lambda r: r.config["trial"].name):
         trial: TrialSpec = result.config["trial"]
         # Registered as `<experiment>-<backbone>[-<variant>]`: nnmamba-seg-brats2023-nnmamba-miccss, ...-segresnet.
         registered = f"{experiment_name(study)}-{trial.backbone}" if register else None
         if registered and trial.backbone == NNMAMBA:
             registered += f"-{trial.variant}"
-        rows.append(export_trial(result, trial, models_dir / trial.name, children[(trial.variant, trial.seed)],
-                                 registered))
+        rows.append(export_trial(result, trial, models_dir / trial.name, children[trial.name], registered))
     workspace.write_json(workspace.path(workspace.TRIALS, study=name),
                          {"parent_run_id": parent_id, "config_hash": digest, "trials": rows})
     write_curves(runs, rows, get_task(study.task).selection_metric,
@@ -299,7 +307,7 @@ def write_curves(runs: StudyRuns, rows: list[dict], metric: str, path: Path) -> 
             for key in ("train_loss", metric)
         }
         frame = pd.DataFrame(history).rename_axis("epoch").reset_index()
-        frame.insert(0, "trial", workspace.trial_name(row["variant"], row["seed"]))
+        frame.insert(0, "trial", workspace.trial_name(row["variant"], row["seed"], row["fold"]))
         frames.append(frame)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.concat(frames).to_csv(path, index=False)

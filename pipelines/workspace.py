@@ -54,19 +54,20 @@ def path(template: str, **fields: Any) -> Path:
     return resolve(template.format(**fields))
 
 
-def trial_name(variant: str, seed: int) -> str:
-    """A trial's name: its model folder, its predictions' folder and its MLflow run (`miccss-seed0`)."""
-    return f"{variant}-seed{seed}"
+def trial_name(variant: str, seed: int, fold: int | None = None) -> str:
+    """A trial's name: its model folder, its predictions' folder and its MLflow run (`miccss-seed0`,
+    `miccss-seed0-fold3` in a k-fold study)."""
+    return f"{variant}-seed{seed}" + ("" if fold is None else f"-fold{fold}")
 
 
-def trial_model(study: str, variant: str, seed: int) -> Path:
+def trial_model(study: str, variant: str, seed: int, fold: int | None = None) -> Path:
     """The exported model bundle of one trial."""
-    return path(MODELS, study=study) / trial_name(variant, seed)
+    return path(MODELS, study=study) / trial_name(variant, seed, fold)
 
 
-def trial_predictions(study: str, variant: str, seed: int) -> Path:
+def trial_predictions(study: str, variant: str, seed: int, fold: int | None = None) -> Path:
     """One trial's test predictions (a folder of files, or `<trial>.csv` beside it for classification)."""
-    return path(PREDICTIONS, study=study) / trial_name(variant, seed)
+    return path(PREDICTIONS, study=study) / trial_name(variant, seed, fold)
 
 
 def read_json(file: Path, stage: str) -> Any:

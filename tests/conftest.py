@@ -135,7 +135,8 @@ CLUSTER_STUDY = {
 def cluster_project(tmp_path_factory) -> dict:
     """The code (a git repo, as `ray job submit --working-dir` uploads it) and a separate workspace,
     standing in for shared storage, where the real stages prepared the tiny study's data."""
-    from project_copy import fresh_project  # here: the GPU machines run the kernel tests without the pipeline stack
+    # Imported here: the GPU machines run the kernel tests without the pipeline stack.
+    from project_copy import fresh_project
 
     code = fresh_project(tmp_path_factory.mktemp("code"), CLUSTER_STUDY)
     workspace = tmp_path_factory.mktemp("workspace")

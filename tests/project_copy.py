@@ -1,4 +1,5 @@
-"""Test and benchmark helper: a throw-away copy of this checkout's project: code, pipeline and params, optionally its own git+DVC repo.
+"""Test and benchmark helper: a throw-away copy of this checkout's project (code, pipeline and params),
+optionally its own git+DVC repo.
 
 End-to-end tests and the pipeline benchmarks run the real stages in such a copy, so that nothing
 they write (data, DVC cache, MLflow store, Ray results) lands in the checkout, and `dvc repro`

@@ -42,8 +42,8 @@ def test_bad_requests_are_named() -> None:
     points_only = _index({f"fetal_{i}": (None, False) for i in range(4)})  # landmark cases: points, no label map
     assert len(split_cases(points_only, lambda c: c, "random", val=1, test=1, seed=0,
                            require_labels=False)["train"]) == 2
-    with pytest.raises(ValueError, match="unknown split.method 'kfold'"):
-        split_cases(AMOS, lambda c: c, "kfold", val=1, test=1, seed=0)
+    with pytest.raises(ValueError, match="unknown split.method 'loocv'"):
+        split_cases(AMOS, lambda c: c, "loocv", val=1, test=1, seed=0)
 
 
 def test_paper_profile_uses_the_amos_folders_and_the_papers_training(tmp_path) -> None:

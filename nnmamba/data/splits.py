@@ -6,7 +6,9 @@ train gets the rest. ``method="folders"``: the split the dataset ships (AMOS ima
 imagesVa -> val, imagesTs -> test); where it ships no validation folder, ``val`` cases are drawn
 (seeded) from its training folder. Classification splits are also stratified by class, so every
 split has the dataset's class balance (and AUC is defined on val and test). ``val=0`` means no
-validation split.
+validation split. ``method="kfold"``: the test cases are held out as for ``random``, and the
+rest is dealt into ``folds`` folds of whole patients (stratified by class for classification);
+fold k validates the model trained on the other folds, nnU-Net's cross-validation.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
-from nnmamba.data.errors import DataError
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-SPLIT_METHODS = ("folders", "random")
+from nnmamba.data.errors import DataError
 
 
 def split_sizes(n_cases: int, val: float, test: float) -> tuple[int, int]:
@@ -78,7 +80,7 @@ def split_cases(index: dict, patient_of: Callable[[str], str], method: str, val:
         subsets = {case_id: entry.get("subset") for case_id, entry in index["cases"].items()}
         return folder_split(subsets, patient_of, val, seed)
     if method != "random":
-        raise ValueError(f"unknown split.method {method!r}; known: {list(SPLIT_METHODS)}")
+        raise ValueError(f"unknown split.method {method!r} here; known: ['folders', 'random'] (k-fold: `with_folds`)")
     unlabelled = sorted(c for c, entry in index["cases"].items() if require_labels and entry["label"] is None)
     if unlabelled:
         raise DataError(f"split.method 'random' splits labelled cases, but case {unlabelled[0]} has no label: "
@@ -142,3 +144,37 @@ def classification_split(index: dict, val: float, test: float, seed: int) -> dic
             raise ValueError(f"the {name} split ({len(split[name])} cases) holds no case of class(es) {missing}; "
                              f"AUC needs every class: raise split.{name}")
     return split
+
+
+def kfold(case_ids: list[str], group_of: Callable[[str], str], folds: int, seed: int,
+          class_of: dict[str, str] | None = None) -> list[list[str]]:
+    """`case_ids` dealt into `folds` folds, each patient (group) in one fold; with `class_of`, each fold
+    also keeps the classes' shares as far as whole groups allow (scikit-learn's seeded GroupKFold /
+    StratifiedGroupKFold)."""
+    cases = sorted(case_ids)
+    groups = [group_of(c) for c in cases]
+    if len(set(groups)) < folds:
+        raise ValueError(f"split.folds {folds} needs at least {folds} patients outside the test split; "
+                         f"there are {len(set(groups))}: lower split.folds or split.test")
+    if class_of is None:
+        splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        parts = splitter.split(cases, groups=groups)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        parts = splitter.split(cases, [class_of[c] for c in cases], groups=groups)
+    dealt = [sorted(cases[i] for i in held_out) for _, held_out in parts]
+    if class_of is not None:
+        for number, fold in enumerate(dealt):
+            missing = sorted(set(class_of.values()) - {class_of[c] for c in fold})
+            if missing:
+                raise ValueError(f"fold {number} ({len(fold)} cases) holds no case of class(es) {missing}; "
+                                 f"AUC needs every class: lower split.folds")
+    return dealt
+
+
+def with_folds(split: dict[str, list[str]], group_of: Callable[[str], str], folds: int, seed: int,
+               class_of: dict[str, str] | None = None) -> dict:
+    """A train/test split (no val) with its training cases dealt into `folds` (see `kfold`)."""
+    if split["val"]:
+        raise ValueError("k-fold splits take their validation cases from the folds: the split must have no val")
+    return {**split, "folds": kfold(split["train"], group_of, folds, seed, class_of)}

@@ -17,6 +17,7 @@ from pipelines.params import StudySpec  # noqa: E402
 from pipelines.reports.complexity import COUNTER, RowComplexity, row_complexity, shape_label  # noqa: E402
 from pipelines.reports.tables import cell, markdown_table, row_label  # noqa: E402
 from pipelines.tasks.classification import probability_columns  # noqa: E402
+from pipelines.tasks.scoring import trial_keys  # noqa: E402
 from pipelines.tracking import attach_to_parent_run  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def roc_chart(title: str, per_case: pd.DataFrame, summary: dict, path: Path) -> 
     fig, ax = plt.subplots(figsize=(5, 5))
     for colour, (variant, frame) in zip(plt.cm.tab10.colors, per_case.groupby("variant")):
         auc = summary[variant]["test_auc"]
-        for number, (_, seed_frame) in enumerate(frame.groupby("seed")):
+        for number, (_, seed_frame) in enumerate(frame.groupby(trial_keys(frame)[1:])):
             fpr, tpr, _ = roc_curve(seed_frame["target"] == positive_index, seed_frame[positive])
             label = f"{row_label(variant)} (AUC {cell(auc, 100)})" if number == 0 else None
             ax.plot(fpr, tpr, color=colour, alpha=0.8, label=label)

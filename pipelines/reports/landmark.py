@@ -43,9 +43,9 @@ def landmark_figure(study: str, names: list[str], trials: list[dict], path: Path
     slices through the true points' centroid; one row per variant (its first seed)."""
     index = workspace.load_index(study)
     shown: dict[str, dict] = {}
-    for trial in sorted(trials, key=lambda t: t["seed"]):
+    for trial in sorted(trials, key=lambda t: (t["seed"], t.get("fold") or 0)):
         shown.setdefault(trial["variant"], trial)
-    folders = {v: workspace.trial_predictions(study, v, t["seed"]) for v, t in shown.items()}
+    folders = {v: workspace.trial_predictions(study, v, t["seed"], t.get("fold")) for v, t in shown.items()}
     case_id = min(p.stem for p in next(iter(folders.values())).glob("*.json"))
     image = nib.load(workspace.path(workspace.PREPROCESSED, study=study) / index["cases"][case_id]["image"])
     volume, affine = np.asarray(image.dataobj, dtype=np.float32), image.affine

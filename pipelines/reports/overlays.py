@@ -30,8 +30,8 @@ def overlay_figure(study: str, n_cases: int, path: Path) -> Path | None:
     index = workspace.load_index(study)
     trials = workspace.load_trials(study)["trials"]
     first_seed = {}
-    for trial in sorted(trials, key=lambda t: (t["variant"], t["seed"])):
-        first_seed.setdefault(trial["variant"], trial["seed"])
+    for trial in sorted(trials, key=lambda t: (t["variant"], t["seed"], t.get("fold") or 0)):
+        first_seed.setdefault(trial["variant"], (trial["seed"], trial.get("fold")))
     test = workspace.load_split(study)["test"]
     # Labelled cases first: they show the ground truth next to the predictions.
     cases = sorted(test, key=lambda c: (index["cases"][c]["raw_label"] is None, c))[:n_cases]
@@ -43,8 +43,9 @@ def overlay_figure(study: str, n_cases: int, path: Path) -> Path | None:
     for row, case_id in zip(axes, cases):
         entry = index["cases"][case_id]
         image_path = Path(next(iter(entry["raw_images"].values())))
-        predictions = {variant: workspace.trial_predictions(study, variant, seed) / f"{case_id}{file_ending(image_path)}"
-                       for variant, seed in first_seed.items()}
+        name = f"{case_id}{file_ending(image_path)}"
+        predictions = {variant: workspace.trial_predictions(study, variant, *trial) / name
+                       for variant, trial in first_seed.items()}
         if not all(p.is_file() for p in predictions.values()):
             plt.close(fig)
             return None

@@ -25,13 +25,13 @@ from nnmamba.data.layouts import get_layout
 from nnmamba.data.loading.volume_batches import make_volume_loader
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON, load_preprocessed
 from nnmamba.data.preprocessing.whole_volume import prepare_classification_dataset
-from nnmamba.data.splits import classification_split, split_cases
+from nnmamba.data.splits import classification_split, split_cases, with_folds
 from nnmamba.inference import class_probabilities
 from nnmamba.losses import build_loss
 from nnmamba.metrics import classification_metrics
 from pipelines.params import ReportSpec, StudySpec
 from pipelines.tasks import Evaluator, Scored, Task
-from pipelines.tasks.scoring import evaluation_device
+from pipelines.tasks.scoring import evaluation_device, trial_keys
 
 
 def prepare(study: StudySpec, raw: RawDataset, out_dir: Path) -> dict:
@@ -40,7 +40,12 @@ def prepare(study: StudySpec, raw: RawDataset, out_dir: Path) -> dict:
 
 
 def split(study: StudySpec, index: dict) -> dict[str, list[str]]:
-    spec = study.split
+    """Stratified by class, whole subjects (k folds of them with `kfold`), or the dataset's own folders."""
+    spec, cases = study.split, index["cases"]
+    if spec.method == "kfold":
+        held_out = classification_split(index, 0, spec.test, spec.seed)
+        return with_folds(held_out, lambda c: cases[c]["subject"], spec.folds, spec.seed,
+                          {c: entry["class_name"] for c, entry in cases.items()})
     if spec.method == "random":
         return classification_split(index, spec.val, spec.test, spec.seed)
     return split_cases(index, get_layout(study.dataset.layout).patient_of, spec.method, spec.val, spec.test,
@@ -117,14 +122,14 @@ def probability_columns(per_case: pd.DataFrame) -> list[str]:
 
 
 def per_seed(per_case: pd.DataFrame) -> pd.DataFrame:
-    """ACC, F1 and AUC of each (variant, seed) over all its test cases, as `test_acc`, `test_f1`, `test_auc`."""
-    columns = probability_columns(per_case)
+    """ACC, F1 and AUC of each trial over all its test cases, as `test_acc`, `test_f1`, `test_auc`."""
+    columns, keys = probability_columns(per_case), trial_keys(per_case)
     rows = {
         key: {f"test_{name}": value for name, value in
               classification_metrics(frame["target"].to_numpy(), frame[columns].to_numpy()).items()}
-        for key, frame in per_case.groupby(["variant", "seed"])
+        for key, frame in per_case.groupby(keys)
     }
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["variant", "seed"])
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(keys)
 
 
 def report(studies: list[StudySpec], settings: ReportSpec, out_dir: Path) -> list[Path]:

@@ -25,7 +25,7 @@ from nnmamba.data.loading.heatmap_sampling import make_heatmap_loader
 from nnmamba.data.preprocessing.landmarks import prepare_landmark_dataset
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON, load_preprocessed
 from nnmamba.data.readers.landmarks import read_landmarks, write_landmarks
-from nnmamba.data.splits import split_cases
+from nnmamba.data.splits import split_cases, with_folds
 from nnmamba.inference import predict_landmarks
 from nnmamba.losses import build_loss
 from nnmamba.metrics import landmark_metrics, radial_errors
@@ -41,10 +41,12 @@ def prepare(study: StudySpec, raw: RawDataset, out_dir: Path) -> dict:
 
 
 def split(study: StudySpec, index: dict) -> dict[str, list[str]]:
-    """Patient-level random split; landmark cases carry points, not label maps."""
-    spec = study.split
-    return split_cases(index, get_layout(study.dataset.layout).patient_of, spec.method, spec.val, spec.test,
-                       spec.seed, require_labels=False)
+    """Patient-level random split (or k folds); landmark cases carry points, not label maps."""
+    spec, patient_of = study.split, get_layout(study.dataset.layout).patient_of
+    if spec.method == "kfold":
+        held_out = split_cases(index, patient_of, "random", 0, spec.test, spec.seed, require_labels=False)
+        return with_folds(held_out, patient_of, spec.folds, spec.seed)
+    return split_cases(index, patient_of, spec.method, spec.val, spec.test, spec.seed, require_labels=False)
 
 
 def train_loader(study: StudySpec, dataset_dir: Path, index: dict, case_ids: list[str], seed: int, rank: int,

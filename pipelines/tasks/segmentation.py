@@ -30,7 +30,7 @@ from nnmamba.data.loading.sampling import make_patch_loader
 from nnmamba.data.preprocessing.fingerprint import dataset_fingerprint
 from nnmamba.data.preprocessing.plan import Preprocessing, make_plan
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON, load_preprocessed, prepare_dataset
-from nnmamba.data.splits import split_cases
+from nnmamba.data.splits import split_cases, with_folds
 from nnmamba.engine import amp_dtype, validation_dice
 from nnmamba.losses import build_loss
 from nnmamba.metrics import per_class_regions, segmentation_metrics
@@ -77,10 +77,12 @@ def prepare(study: StudySpec, raw: RawDataset, out_dir: Path) -> dict:
 
 
 def split(study: StudySpec, index: dict) -> dict[str, list[str]]:
-    """Patient-level random split of the labelled cases, or the dataset's own folders."""
-    spec = study.split
-    return split_cases(index, get_layout(study.dataset.layout).patient_of, spec.method, spec.val, spec.test,
-                       spec.seed, require_labels=True)
+    """Patient-level random split of the labelled cases (or k folds of them), or the dataset's own folders."""
+    spec, patient_of = study.split, get_layout(study.dataset.layout).patient_of
+    if spec.method == "kfold":
+        held_out = split_cases(index, patient_of, "random", 0, spec.test, spec.seed, require_labels=True)
+        return with_folds(held_out, patient_of, spec.folds, spec.seed)
+    return split_cases(index, patient_of, spec.method, spec.val, spec.test, spec.seed, require_labels=True)
 
 
 def resolve(study: StudySpec, index: dict) -> StudySpec:
