@@ -107,7 +107,8 @@ def trial_config(dataset_dir: Path, phase_dir: Path, epochs: int, steps: int, sm
         train.update(patch_size=(32, 32, 32), amp="none", channels_last=False)
         model = study.model.model_copy(update={"base_channels": 4, "blocks_per_stage": 2})
     study = study.model_copy(update={"task": TASK, "train": study.train.model_copy(update=train), "model": model})
-    trial = TrialSpec(study=study, backbone="nnmamba", variant="miccss", seed=0, digest="benchmark", storage_path="",
+    trial = TrialSpec(study=study, backbone="nnmamba", variant="miccss", seed=0, digest="benchmark",
+                      optimizer=study.train.optimizer, storage_path="",
                       dataset_dir=str(dataset_dir), train_cases=(), val_cases=(), init_dir=None, prediction=None,
                       arch={"task": "segmentation", "variant": "miccss", "in_channels": IN_CHANNELS,
                             "out_channels": CLASSES, "kwargs": model.kwargs()})

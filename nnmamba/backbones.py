@@ -27,6 +27,20 @@ NNMAMBA = "nnmamba"
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """The optimizer a backbone's authors (or its library's reference tutorial) train it with."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    source: str
+
+
+_MONAI_BTCV = Recipe("adamw", 1e-4, 1e-5, "MONAI's BTCV tutorials (unetr_btcv, swin_unetr_btcv): AdamW 1e-4, wd 1e-5")
+_MONAI_BRATS = Recipe("adam", 1e-4, 1e-5, "MONAI's brats_segmentation_3d tutorial: Adam 1e-4, wd 1e-5")
+
+
+@dataclass(frozen=True)
 class Backbone:
     """A network a study can train in place of nnMamba.
 
@@ -35,7 +49,8 @@ class Backbone:
     (instance norm needs two); `fixed_input`: the network is built for exactly one input shape (a
     sliding window then has to use that shape); `reference`: (parameters in millions, in_channels,
     out_channels, input_shape, options, source) of a published configuration, which the tests
-    check our build against.
+    check our build against; `recipe`: its own training recipe, where one is published (else the
+    study's shared optimizer trains it).
     """
 
     name: str
@@ -47,6 +62,7 @@ class Backbone:
     bottleneck_voxels: int = 1
     fixed_input: bool = False
     reference: tuple[float, int, int, tuple[int, int, int], dict, str] | None = None
+    recipe: Recipe | None = None
 
     def check_input(self, input_shape: Sequence[int]) -> None:
         """Stop with what would work when `input_shape` (the patch) does not suit the network."""
@@ -118,13 +134,14 @@ _PAPER_AMOS = "paper Table 2 (AMOS, 1 channel, 16 classes)"
 BACKBONES: dict[str, dict[str, Backbone]] = {
     "segmentation": {
         "unetr": Backbone("unetr", "segmentation", "UNETR", "monai.networks.nets.UNETR", _unetr, 16, fixed_input=True,
-                          reference=(93.02, 1, 16, (96, 96, 96), {}, _PAPER_AMOS)),
+                          reference=(93.02, 1, 16, (96, 96, 96), {}, _PAPER_AMOS), recipe=_MONAI_BTCV),
         "swinunetr": Backbone("swinunetr", "segmentation", "SwinUNETR", "monai.networks.nets.SwinUNETR", _swinunetr,
-                              32, bottleneck_voxels=2, reference=(62.83, 1, 16, (96, 96, 96), {}, _PAPER_AMOS)),
+                              32, bottleneck_voxels=2, reference=(62.83, 1, 16, (96, 96, 96), {}, _PAPER_AMOS),
+                              recipe=_MONAI_BTCV),
         "vnet": Backbone("vnet", "segmentation", "VNet", "monai.networks.nets.VNet", _vnet, 16,
                          reference=(45.65, 1, 16, (96, 96, 96), {}, _PAPER_AMOS)),
         "segresnet": Backbone("segresnet", "segmentation", "SegResNet", "monai.networks.nets.SegResNet", _segresnet,
-                              8),
+                              8, recipe=_MONAI_BRATS),
     },
     "landmark": {
         "resunet": Backbone("resunet", "landmark", "ResUNet", "monai.networks.nets.UNet (residual units)", _resunet,

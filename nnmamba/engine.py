@@ -34,16 +34,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 def build_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, capturable: bool = False
 ) -> torch.optim.Optimizer:
-    """The paper's Adam (lr 0.002, weight decay 0.001); SSM parameters flagged `_no_weight_decay` are exempt.
+    """Adam (the paper's: lr 0.002, weight decay 0.001) or AdamW (MONAI's transformer recipes); SSM
+    parameters flagged `_no_weight_decay` are exempt.
 
     `capturable=True` keeps the optimizer's step counters on the GPU so that its step can be
     recorded in a CUDA graph (`CapturedTrainStep`).
     """
-    if name != "adam":
-        raise ValueError(f"unknown optimizer {name!r}; known: ['adam']")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -52,7 +56,7 @@ def build_optimizer(
     # On the GPU the fused kernel updates every parameter in a few launches instead of a dozen
     # multi-tensor passes; same arithmetic. None keeps PyTorch's default elsewhere.
     fused = True if decay + no_decay and all(p.is_cuda for p in decay + no_decay) else None
-    return torch.optim.Adam(groups, lr=lr, fused=fused, capturable=capturable)
+    return OPTIMIZERS[name](groups, lr=lr, fused=fused, capturable=capturable)
 
 
 def repeat_batches(loader: Iterable) -> Iterator:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from nnmamba.backbones import NNMAMBA, UNAVAILABLE, available_backbones
+from nnmamba.backbones import NNMAMBA, UNAVAILABLE, available_backbones, get_backbone
 from nnmamba.data.loading.augmentation import Augmentation
 from nnmamba.data.preprocessing.plan import PlanSettings
 from pipelines.tasks import TASK_NAMES
@@ -92,7 +92,7 @@ class ModelSpec(Spec):
 
 
 class OptimizerSpec(Spec):
-    name: Literal["adam"]
+    name: Literal["adam", "adamw"]
     lr: float
     weight_decay: float
 
@@ -105,6 +105,8 @@ class HeatmapSpec(Spec):
 class TrainSpec(Spec):
     backbones: tuple[str, ...] = (NNMAMBA,)     # nnmamba (its `variants`) and competitors (nnmamba/backbones.py)
     backbone_options: dict[str, dict[str, Any]] = {}   # per competitor: options of its constructor
+    recipe: Literal["own", "shared"] = "own"    # own: each backbone its published optimizer; shared: `optimizer`
+    backbone_optimizers: dict[str, OptimizerSpec] = {}   # recipe own: a competitor's optimizer, instead of its own
     variants: tuple[str, ...]                   # nnMamba's ablation variants
     seeds: tuple[int, ...]
     epochs: int
@@ -134,6 +136,19 @@ class TrainSpec(Spec):
     def grid_free(self) -> dict[str, Any]:
         """Everything but the grid's own axes: what makes two trials of one (variant, seed) differ."""
         return self.model_dump(mode="json", exclude={"backbones", "variants", "seeds"}, exclude_none=True)
+
+    def optimizer_for(self, task: str, backbone: str) -> OptimizerSpec:
+        """The optimizer a backbone trains with: `optimizer` for nnMamba (the paper's recipe) and for
+        everyone under `recipe: shared`; otherwise the backbone's override, else its published recipe
+        (nnmamba.backbones), else `optimizer`."""
+        if self.recipe == "shared" or backbone == NNMAMBA:
+            return self.optimizer
+        if backbone in self.backbone_optimizers:
+            return self.backbone_optimizers[backbone]
+        recipe = get_backbone(task, backbone).recipe
+        if recipe is None:
+            return self.optimizer
+        return OptimizerSpec(name=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
     def grid(self) -> list[tuple[str, str]]:
         """(backbone, row) of every model the study trains per seed: nnMamba's variants (the row is
@@ -218,6 +233,7 @@ class TrialSpec(Spec):
     variant: str                                # the table row: nnMamba's variant, or the backbone's name
     seed: int
     fold: int | None = None                     # k-fold studies: the fold that validates this trial
+    optimizer: OptimizerSpec                    # the backbone's recipe (TrainSpec.optimizer_for)
     digest: str
     storage_path: str                           # Ray Train checkpoints (a path or s3://...)
     dataset_dir: str
@@ -323,7 +339,7 @@ def _check_study(study: StudySpec, where: tuple, path: Path) -> None:
         raise ParamsError(f"{path}: {_dotted((*where, 'task'))}: unknown task {study.task!r}"
                           f"{_did_you_mean(study.task, TASK_NAMES)} (known: {sorted(TASK_NAMES)})")
     known = available_backbones(study.task)
-    for backbone in (*study.train.backbones, *study.train.backbone_options):
+    for backbone in (*study.train.backbones, *study.train.backbone_options, *study.train.backbone_optimizers):
         if backbone in UNAVAILABLE:
             raise ParamsError(f"{path}: study {study.name}: train.backbones: {backbone!r} is not available: "
                               f"{UNAVAILABLE[backbone]}")

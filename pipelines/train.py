@@ -137,6 +137,7 @@ def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialS
     upstream = init_models(study)
     return [
         TrialSpec(study=study, backbone=backbone, variant=variant, seed=seed, fold=fold, digest=digest,
+                  optimizer=study.train.optimizer_for(study.task, backbone),
                   storage_path=storage_path, dataset_dir=str(workspace.path(workspace.PREPROCESSED, study=study.name)),
                   train_cases=train, val_cases=val,
                   init_dir=str(upstream / workspace.trial_name(variant, seed, fold)) if upstream else None,
@@ -201,8 +202,9 @@ class MLflowTrialCallback(ray.tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         spec: TrialSpec = trial.config["trial"]
+        params = {**self.params, **flatten({"optimizer": spec.optimizer.model_dump()})}
         self.run_ids[trial.trial_id] = self.runs.child(self.parent_id, spec.backbone, spec.variant, spec.seed,
-                                                       spec.fold, self.params)
+                                                       spec.fold, params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items()

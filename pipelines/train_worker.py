@@ -112,7 +112,7 @@ def train_loop(config: dict) -> None:
     with capture_ready_stream(device, enabled=graphed):
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer = build_optimizer(bare, **train.optimizer.model_dump(), capturable=graphed)
+    optimizer = build_optimizer(bare, **trial.optimizer.model_dump(), capturable=graphed)
     state = _restore(bare, optimizer, device)
     if state is None and trial.init_dir:
         _initialise(bare, trial)

@@ -94,3 +94,18 @@ def test_paper_profile_has_the_papers_settings(tmp_path):
     assert study.model.base_channels == 32
     assert study.ray.use_gpu is True
 
+
+
+def test_each_backbone_trains_with_its_own_recipe_unless_shared(tmp_path):
+    params = real_params()
+    params["studies"]["brats2023"]["train"] = {"backbones": ["nnmamba", "unetr", "vnet", "segresnet"],
+                                              "backbone_optimizers": {"segresnet": {"name": "adam", "lr": 0.01,
+                                                                                    "weight_decay": 0.0}}}
+    train = load_params(write_params(tmp_path, params)).study("brats2023").train
+    own = {b: train.optimizer_for("segmentation", b).model_dump() for b in train.backbones}
+    assert own["nnmamba"] == own["vnet"] == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}  # VNet: none published
+    assert own["unetr"] == {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-5}                     # MONAI's BTCV recipe
+    assert own["segresnet"] == {"name": "adam", "lr": 0.01, "weight_decay": 0.0}                   # overridden
+    params["studies"]["brats2023"]["train"]["recipe"] = "shared"
+    shared = load_params(write_params(tmp_path, params)).study("brats2023").train
+    assert {shared.optimizer_for("segmentation", b).lr for b in shared.backbones} == {0.002}

@@ -22,9 +22,10 @@ def study(init: str, variants=("sequence",), seeds=(0, 1)) -> StudySpec:
 
 
 def trial(init_dir, arch: dict) -> TrialSpec:
-    return TrialSpec(study=study(str(init_dir.parent)), backbone="nnmamba", variant="sequence", seed=1, digest="d",
-                     storage_path="", dataset_dir="", train_cases=(), val_cases=(), init_dir=str(init_dir), arch=arch,
-                     prediction=None)
+    spec = study(str(init_dir.parent))
+    return TrialSpec(study=spec, backbone="nnmamba", variant="sequence", seed=1, digest="d",
+                     optimizer=spec.train.optimizer, storage_path="", dataset_dir="", train_cases=(), val_cases=(),
+                     init_dir=str(init_dir), arch=arch, prediction=None)
 
 
 def upstream_models(root, seeds=(0, 1)):
