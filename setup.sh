@@ -7,4 +7,6 @@ cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet "torch==2.13.0"
-.venv/bin/pip install --quiet -e ".[dev]"
+# The pin holds while the rest installs: nnU-Net's chain (timm -> torchvision) would swap in a CUDA torch.
+echo "torch==2.13.0" > .venv/constraints.txt
+.venv/bin/pip install --quiet -c .venv/constraints.txt -e ".[dev]"

@@ -1,6 +1,8 @@
 """The competitor backbones of the paper's Tables 1-4, built from the libraries that maintain them.
 
-nnMamba itself is the `nnmamba` backbone (its ablation variants are `nnmamba.models`'); every
+nnMamba itself is the `nnmamba` backbone (its ablation variants are `nnmamba.models`'); nnU-Net is
+`dynamic-network-architectures`' PlainConvUNet with the topology nnunetv2's planner derives from
+the study's spacing and patch (its 3d_fullres configuration, deep supervision included); every
 other backbone comes from MONAI, configured as its authors publish it unless `options` say
 otherwise. A backbone that needs a particular input shape (divisibility by its total
 downsampling, or one fixed size for the ViT-based ones) says so when built with another.
@@ -63,6 +65,7 @@ class Backbone:
     fixed_input: bool = False
     reference: tuple[float, int, int, tuple[int, int, int], dict, str] | None = None
     recipe: Recipe | None = None
+    needs_spacing: bool = False                 # built from the voxel spacing too (`spacing` option)
 
     def check_input(self, input_shape: Sequence[int]) -> None:
         """Stop with what would work when `input_shape` (the patch) does not suit the network."""
@@ -76,6 +79,46 @@ class Backbone:
             raise ValueError(f"backbone {self.name} ({self.source}) needs at least {self.bottleneck_voxels} voxels in "
                              f"its deepest feature map (the patch / {self.divisor} per axis); "
                              f"got {tuple(input_shape)}: double the patch along one axis")
+
+
+class DeepSupervised(nn.Module):
+    """nnU-Net's decoder outputs: every resolution while training (deep supervision; the loss takes the
+    list, full resolution first), the full resolution only in eval mode, as nnU-Net predicts."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        self.network.decoder.deep_supervision = self.training
+        return self.network(x)
+
+
+def _nnunet(in_channels: int, out_channels: int, input_shape: Sequence[int], spacing: Sequence[float],
+            deep_supervision: bool = True, **options: Any) -> nn.Module:
+    """nnU-Net's 3d_fullres PlainConvUNet: pooling and kernels per axis from nnunetv2's planner for this
+    spacing and patch; 32 features doubling per stage up to 320, two convolutions per stage,
+    instance norm, leaky ReLU."""
+    try:  # the [nnunet] extra: nnU-Net's packages are heavy, and only this backbone needs them
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+        from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+    except ImportError as error:
+        raise ImportError("backbone nnunet needs nnU-Net's packages: pip install 'nnmamba[nnunet]' "
+                          "(under a constraints file that pins your torch)") from error
+
+    _, pools, kernels, fitted, divisible = get_pool_and_conv_props(list(spacing), list(input_shape), 4, 999999)
+    if tuple(int(s) for s in fitted) != tuple(input_shape):
+        raise ValueError(f"backbone nnunet: nnU-Net's topology for spacing {tuple(spacing)} pools the patch by "
+                         f"{tuple(int(d) for d in divisible)} per axis; got {tuple(input_shape)}: set "
+                         f"train.patch_size to {tuple(int(s) for s in fitted)}")
+    stages = len(pools)
+    settings = {"features_per_stage": [min(32 * 2**i, 320) for i in range(stages)], "n_conv_per_stage": [2] * stages,
+                "n_conv_per_stage_decoder": [2] * (stages - 1), "conv_bias": True, "norm_op": nn.InstanceNorm3d,
+                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin": nn.LeakyReLU,
+                "nonlin_kwargs": {"inplace": True}} | options
+    network = PlainConvUNet(in_channels, stages, conv_op=nn.Conv3d, kernel_sizes=kernels, strides=pools,
+                            num_classes=out_channels, deep_supervision=deep_supervision, **settings)
+    return DeepSupervised(network) if deep_supervision else network
 
 
 class LogitsOnly(nn.Module):
@@ -133,6 +176,10 @@ def _vit(in_channels: int, out_channels: int, input_shape: Sequence[int], **opti
 _PAPER_AMOS = "paper Table 2 (AMOS, 1 channel, 16 classes)"
 BACKBONES: dict[str, dict[str, Backbone]] = {
     "segmentation": {
+        "nnunet": Backbone("nnunet", "segmentation", "nnU-Net",
+                           "dynamic_network_architectures PlainConvUNet, nnunetv2 3d_fullres topology", _nnunet, 1,
+                           reference=(31.18, 1, 16, (128, 128, 128), {"spacing": (1.0, 1.0, 1.0)}, _PAPER_AMOS),
+                           needs_spacing=True),
         "unetr": Backbone("unetr", "segmentation", "UNETR", "monai.networks.nets.UNETR", _unetr, 16, fixed_input=True,
                           reference=(93.02, 1, 16, (96, 96, 96), {}, _PAPER_AMOS), recipe=_MONAI_BTCV),
         "swinunetr": Backbone("swinunetr", "segmentation", "SwinUNETR", "monai.networks.nets.SwinUNETR", _swinunetr,

@@ -33,6 +33,35 @@ class ContiguousLogits(nn.Module):
         return self.loss(prediction.contiguous(), target)
 
 
+class DeepSupervision(nn.Module):
+    """nnU-Net's deep supervision: for a list of outputs (full resolution first), `loss` against the target
+    resized to each (nearest), weighted 1/2^i with the lowest resolution weighted 1e-6 (nnunetv2's
+    trainer under DDP, which needs a gradient for every parameter; 0 on one GPU there) and the
+    weights normalised to 1; a single output is scored as it is.
+
+    Hand-written, not nnunetv2's DeepSupervisionWrapper: that takes targets its own data loader has
+    already downsampled, and our loaders give one full-resolution target.
+    """
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, prediction: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(prediction, torch.Tensor):
+            return self.loss(prediction, target)
+        weights = [1 / 2**i for i in range(len(prediction) - 1)] + [1e-6] if len(prediction) > 1 else [1.0]
+        total = sum(weights)
+        return sum((w / total) * self.loss(output, _resized(target, output.shape[2:]))
+                   for w, output in zip(weights, prediction))
+
+
+def _resized(target: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if target.shape[2:] == shape:
+        return target
+    return nn.functional.interpolate(target.float(), size=shape, mode="nearest").to(target.dtype)
+
+
 def segmentation_loss(**kw: Any) -> nn.Module:
     """Dice + cross-entropy on logits [B, K, D, H, W] against int64 labels [B, 1, D, H, W] (nnU-Net's loss).
 
@@ -92,4 +121,5 @@ def build_loss(task: str, **kw: Any) -> nn.Module:
     if task not in _LOSS_BUILDERS:
         known = ", ".join(sorted(_LOSS_BUILDERS))
         raise ValueError(f"unknown task {task!r} for build_loss; known tasks: {known}")
-    return ContiguousLogits(_LOSS_BUILDERS[task](**kw))
+    loss = ContiguousLogits(_LOSS_BUILDERS[task](**kw))
+    return DeepSupervision(loss) if task == "segmentation" else loss

@@ -38,7 +38,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, WEIGHTS_FILE, load_bundle, save_bundle
+from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, WEIGHTS_FILE, load_bundle, model_from_arch, save_bundle
 from nnmamba.backbones import NNMAMBA, get_backbone
 from nnmamba.models import available_variants
 from pipelines import workspace
@@ -108,6 +108,18 @@ def prediction_record(study: StudySpec, index: dict) -> dict | None:
             "patch_size": list(study.train.patch_size), "overlap": study.evaluate.overlap}
 
 
+def backbone_kwargs(study: StudySpec, backbone: str) -> dict:
+    """A competitor's constructor options: params.yaml's, plus the plan's spacing for one built from it (nnU-Net)."""
+    options = dict(study.train.backbone_options.get(backbone, {}))
+    if get_backbone(study.task, backbone).needs_spacing:
+        plan = workspace.load_plan(study.name)
+        if plan is None:
+            raise ValueError(f"study {study.name}: backbone {backbone} is built from the plan's spacing, and the study "
+                             "has no plan (only segmentation studies are planned)")
+        options.setdefault("spacing", plan["target_spacing"])
+    return options
+
+
 def architecture(study: StudySpec, index: dict, backbone: str, variant: str) -> dict:
     """The bundle's architecture record of one grid row (nnmamba.checkpoint builds the network from it)."""
     nnmamba = backbone == NNMAMBA
@@ -119,7 +131,7 @@ def architecture(study: StudySpec, index: dict, backbone: str, variant: str) -> 
         # One output channel per label (segmentation, classification) or per landmark heatmap.
         "out_channels": len(index["labels"] if "labels" in index else index["landmarks"]),
         "input_shape": list(get_task(study.task).input_shape(study)),
-        "kwargs": study.model.kwargs() if nnmamba else dict(study.train.backbone_options.get(backbone, {})),
+        "kwargs": study.model.kwargs() if nnmamba else backbone_kwargs(study, backbone),
     }
 
 
@@ -250,6 +262,13 @@ def check_grid(study: StudySpec) -> None:
             get_backbone(study.task, backbone).check_input(get_task(study.task).input_shape(study))
 
 
+def build_each_row(trials: list[TrialSpec]) -> None:
+    """Build every row's network once on the CPU, so its constructor's own checks (nnU-Net's topology,
+    VNet's channels) stop the stage before Ray starts."""
+    for arch in {json.dumps(trial.arch, sort_keys=True): trial.arch for trial in trials}.values():
+        model_from_arch(arch)
+
+
 def train(name: str) -> list[dict]:
     """Run the study's ablation grid and export its models; returns one summary row per trial."""
     study = resolve_study(load_params().study(name))
@@ -258,6 +277,7 @@ def train(name: str) -> list[dict]:
     storage = study.ray.storage_path
     storage = storage if "://" in storage else str(workspace.resolve(storage))
     trials = trial_specs(study, digest, storage)
+    build_each_row(trials)
     runs = StudyRuns(study, digest)
     params = {**flatten({"train": study.train.model_dump(mode="json", exclude_none=True),
                          "model": study.model.kwargs()}), "git_commit": git_commit()}

@@ -15,6 +15,7 @@ from nnmamba.models import count_parameters
 
 # Small enough for a CPU step: (in, out channels, input shape, options) per backbone.
 TINY = {
+    "nnunet": (2, 3, (32, 32, 16), {"spacing": (1.0, 1.0, 2.0)}),
     "unetr": (2, 3, (16, 16, 16), {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}),
     "swinunetr": (2, 3, (64, 32, 32), {"feature_size": 12, "depths": (1, 1, 1, 1)}),
     "vnet": (2, 3, (16, 16, 16), {}),
@@ -83,6 +84,24 @@ def test_a_patch_the_backbone_cannot_take_names_the_constraint_and_a_fitting_pat
         build_network("segmentation", "swinunetr", None, 1, 2, (32, 32, 32))
     with pytest.raises(ValueError, match="16 divisible by the number of input channels; got 3"):
         build_network("segmentation", "vnet", None, 3, 2, (16, 16, 16))
+
+
+def test_nnunet_follows_nnunets_planner_and_trains_with_deep_supervision():
+    """Anisotropic spacing: nnunetv2 pools the coarse axis later; training returns every decoder output
+    and the loss weights them, evaluation returns the full resolution only."""
+    model = build_network("segmentation", "nnunet", None, 1, 3, (64, 64, 16), spacing=(0.8, 0.8, 3.0))
+    strides = [tuple(stage[0].convs[0].conv.stride) for stage in model.network.encoder.stages]
+    assert strides[:3] == [(1, 1, 1), (2, 2, 1), (2, 2, 2)]
+    x = torch.randn(2, 1, 64, 64, 16)
+    outputs = model(x)
+    assert [tuple(o.shape[2:]) for o in outputs][:2] == [(64, 64, 16), (32, 32, 16)]
+    target = torch.randint(0, 3, (2, 1, 64, 64, 16))
+    full_only = build_loss("segmentation").loss(outputs[0], target)
+    assert build_loss("segmentation")(outputs, target) != full_only  # the lower resolutions count too
+    model.eval()
+    assert model(x).shape == (2, 3, 64, 64, 16)
+    with pytest.raises(ValueError, match=r"nnU-Net's topology .* set train.patch_size to"):
+        build_network("segmentation", "nnunet", None, 1, 3, (60, 64, 16), spacing=(0.8, 0.8, 3.0))
 
 
 def test_unknown_and_unavailable_backbones_say_so():

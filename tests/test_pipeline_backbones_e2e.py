@@ -13,13 +13,12 @@ from tests.conftest import run_in
 pytestmark = pytest.mark.slow
 
 FOLDS, SEEDS = 2, [0]
-ROWS = {"miccss": "nnmamba", "segresnet": "segresnet"}   # table row -> backbone
+ROWS = {"miccss": "nnmamba", "nnunet": "nnunet"}   # table row -> backbone
 TINY = {
     "synthetic": {"brats2023": {"n_cases": 8, "shape": [48, 48, 32]}},
     "split": {"method": "kfold", "folds": FOLDS, "test": 2},
     "model": {"base_channels": 4, "blocks_per_stage": 2},
-    "train": {"backbones": ["nnmamba", "segresnet"], "backbone_options": {"segresnet": {"init_filters": 8}},
-              "variants": ["miccss"], "seeds": SEEDS, "epochs": 1, "steps_per_epoch": 2, "samples_per_volume": 2,
+    "train": {"backbones": ["nnmamba", "nnunet"], "variants": ["miccss"], "seeds": SEEDS, "epochs": 1, "steps_per_epoch": 2, "samples_per_volume": 2,
               "queue_length": 4},
 }
 
@@ -36,6 +35,13 @@ def test_the_folds_partition_the_training_cases_by_patient(repro):
     assert len(split["folds"]) == FOLDS and split["val"] == [] and len(split["test"]) == 2
     assert sorted(c for fold in split["folds"] for c in fold) == sorted(split["train"])
     assert not set(split["test"]) & set(split["train"])
+
+
+def test_nnunet_is_built_from_the_plans_spacing_with_deep_supervision(repro):
+    plan = json.loads((repro / "data/preprocessed/brats2023/plan.json").read_text())
+    arch = json.loads((repro / "models/brats2023/nnunet-seed0-fold0/arch.json").read_text())
+    assert arch["backbone"] == "nnunet" and arch["kwargs"]["spacing"] == plan["target_spacing"]
+    assert arch["input_shape"] == [32, 32, 32]
 
 
 def test_every_backbone_fold_and_seed_is_a_trial_with_its_run_model_and_predictions(repro):
@@ -62,4 +68,4 @@ def test_the_table_has_a_row_per_backbone_with_its_size_and_the_mean_over_folds(
     table = (repro / "reports/brats2023_table.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| Method"))
     assert "| Params (M) | GMACs 1×32×32×32 |" in header
-    assert "| +MICCSS |" in table and "| SegResNet |" in table
+    assert "| +MICCSS |" in table and "| nnU-Net |" in table

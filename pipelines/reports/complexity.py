@@ -29,11 +29,16 @@ COUNTER = ("GMACs: multiply-adds of one 1-sample forward pass, PyTorch FlopCount
 @dataclass(frozen=True)
 class RowComplexity:
     parameters: int
-    macs: Callable[[Sequence[int]], int]   # input shape (no batch, no channels) -> multiply-adds
+    macs: Callable[[Sequence[int]], int | None]   # input shape (no batch, no channels) -> multiply-adds
 
     def cells(self, shape: Sequence[int]) -> list[str]:
         """`Params (M)` and `GMACs` at `shape`, as the tables print them."""
-        return [f"{self.parameters / 1e6:.2f}", f"{self.macs(shape) / 1e9:.2f}"]
+        return [f"{self.parameters / 1e6:.2f}", self.gmacs(shape)]
+
+    def gmacs(self, shape: Sequence[int]) -> str:
+        """GMACs at `shape`, "–" for a network that cannot take it (nnU-Net's topology at another patch)."""
+        macs = self.macs(shape)
+        return "–" if macs is None else f"{macs / 1e9:.2f}"
 
 
 def row_complexity(study: str) -> dict[str, RowComplexity]:
@@ -51,8 +56,11 @@ def _measure(arch: dict) -> RowComplexity:
     if arch.get("backbone", NNMAMBA) == NNMAMBA:
         return RowComplexity(count_parameters(model), measure_macs(model, arch["in_channels"]))
 
-    def macs(shape: Sequence[int]) -> int:
-        rebuilt = model_from_arch({**arch, "input_shape": list(shape)}).to("meta")
+    def macs(shape: Sequence[int]) -> int | None:
+        try:
+            rebuilt = model_from_arch({**arch, "input_shape": list(shape)}).to("meta")
+        except ValueError:
+            return None
         return count_macs(rebuilt, (1, arch["in_channels"], *shape))
 
     return RowComplexity(count_parameters(model), macs)

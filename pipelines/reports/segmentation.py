@@ -95,7 +95,7 @@ def organ_table(group: str, studies: list[StudySpec]) -> str:
         row = [row_label(variant), *measured.cells(PAPER_PATCH)]
         for study in studies:
             stats = summaries[study.name].get(variant)
-            row += [f"{measured.macs(study.train.patch_size) / 1e9:.2f}",
+            row += [measured.gmacs(study.train.patch_size),
                     cell(stats["test_dice_mean"], 100) if stats else "–",
                     cell(stats["test_nsd_mean"], 100) if stats else "–"]
         rows.append(row)
