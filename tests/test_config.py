@@ -3,6 +3,7 @@
 import pytest
 import yaml
 
+from nnmamba.backbones import BACKBONES, get_backbone
 from pipelines.params import ParamsError, deep_merge, load_params
 from pipelines.workspace import REPO_ROOT
 
@@ -109,3 +110,16 @@ def test_each_backbone_trains_with_its_own_recipe_unless_shared(tmp_path):
     params["studies"]["brats2023"]["train"]["recipe"] = "shared"
     shared = load_params(write_params(tmp_path, params)).study("brats2023").train
     assert {shared.optimizer_for("segmentation", b).lr for b in shared.backbones} == {0.002}
+
+
+def test_benchmark_profile_runs_every_available_backbone_where_its_input_fits(tmp_path):
+    params = real_params()
+    params["profile"] = "benchmark"
+    studies = load_params(write_params(tmp_path, params)).studies
+    ran = {b for study in studies.values() for b in study.train.backbones}
+    assert ran == {b for task in BACKBONES.values() for b in task} | {"nnmamba"}
+    for study in studies.values():
+        shape = study.prepare.shape if study.task == "classification" else study.train.patch_size
+        if shape != "auto":  # planned patches are checked by train@<study> once the plan exists
+            for backbone in set(study.train.backbones) - {"nnmamba"}:
+                get_backbone(study.task, backbone).check_input(shape)
