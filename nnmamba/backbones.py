@@ -15,14 +15,15 @@ Not available, as no maintained package ships them: nnFormer, CoTr (segmentation
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from monai.networks import nets
 from torch import nn
 
+from nnmamba.mamba_peers import segmamba, umamba_bot, umamba_enc
 from nnmamba.models import available_variants, build_model
 
 NNMAMBA = "nnmamba"
@@ -36,9 +37,16 @@ class Recipe:
     lr: float
     weight_decay: float
     source: str
+    momentum: float = 0.0
+    nesterov: bool = False
+    schedule: str = "constant"                  # nnmamba.engine.SCHEDULES
 
 
 _MONAI_BTCV = Recipe("adamw", 1e-4, 1e-5, "MONAI's BTCV tutorials (unetr_btcv, swin_unetr_btcv): AdamW 1e-4, wd 1e-5")
+_NNUNET_SGD = Recipe("sgd", 1e-2, 3e-5, "nnunetv2's nnUNetTrainer: SGD 1e-2, Nesterov momentum 0.99, wd 3e-5, "
+                     "PolyLRScheduler (exponent 0.9)", momentum=0.99, nesterov=True, schedule="poly")
+_SEGMAMBA_SGD = Recipe("sgd", 1e-2, 3e-5, "ge-xing/SegMamba 3_train.py: SGD 1e-2, Nesterov momentum 0.99, wd 3e-5, "
+                       "poly schedule", momentum=0.99, nesterov=True, schedule="poly")
 _MONAI_BRATS = Recipe("adam", 1e-4, 1e-5, "MONAI's brats_segmentation_3d tutorial: Adam 1e-4, wd 1e-5")
 
 
@@ -81,6 +89,14 @@ class Backbone:
                              f"got {tuple(input_shape)}: double the patch along one axis")
 
 
+def _monai() -> types.ModuleType:
+    """monai.networks.nets, imported on first build: `import monai` loads all of MONAI (MLflow
+    included) in about 2 s, which every stage that only reads params.yaml would pay."""
+    from monai.networks import nets
+
+    return nets
+
+
 class DeepSupervised(nn.Module):
     """nnU-Net's decoder outputs: every resolution while training (deep supervision; the loss takes the
     list, full resolution first), the full resolution only in eval mode, as nnU-Net predicts."""
@@ -94,23 +110,31 @@ class DeepSupervised(nn.Module):
         return self.network(x)
 
 
+def nnunet_topology(backbone: str, input_shape: Sequence[int], spacing: Sequence[float]) -> tuple[list, list]:
+    """Pooling and kernel sizes per stage from nnunetv2's planner (3d_fullres) for this spacing and patch: the
+    topology of every backbone built on nnU-Net's (nnU-Net, U-Mamba); a patch it cannot pool says which would."""
+    try:  # the [nnunet] extra: nnU-Net's packages are heavy, and only these backbones need them
+        from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+    except ImportError as error:
+        raise ImportError(f"backbone {backbone} needs nnU-Net's packages: pip install 'nnmamba[nnunet]' "
+                          "(under a constraints file that pins your torch)") from error
+
+    _, pools, kernels, fitted, divisible = get_pool_and_conv_props(list(spacing), list(input_shape), 4, 999999)
+    if tuple(int(s) for s in fitted) != tuple(input_shape):
+        raise ValueError(f"backbone {backbone}: nnU-Net's topology for spacing {tuple(spacing)} pools the patch by "
+                         f"{tuple(int(d) for d in divisible)} per axis; got {tuple(input_shape)}: set "
+                         f"train.patch_size to {tuple(int(s) for s in fitted)}")
+    return pools, kernels
+
+
 def _nnunet(in_channels: int, out_channels: int, input_shape: Sequence[int], spacing: Sequence[float],
             deep_supervision: bool = True, **options: Any) -> nn.Module:
     """nnU-Net's 3d_fullres PlainConvUNet: pooling and kernels per axis from nnunetv2's planner for this
     spacing and patch; 32 features doubling per stage up to 320, two convolutions per stage,
     instance norm, leaky ReLU."""
-    try:  # the [nnunet] extra: nnU-Net's packages are heavy, and only this backbone needs them
-        from dynamic_network_architectures.architectures.unet import PlainConvUNet
-        from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
-    except ImportError as error:
-        raise ImportError("backbone nnunet needs nnU-Net's packages: pip install 'nnmamba[nnunet]' "
-                          "(under a constraints file that pins your torch)") from error
+    pools, kernels = nnunet_topology("nnunet", input_shape, spacing)
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet  # installed with nnunetv2
 
-    _, pools, kernels, fitted, divisible = get_pool_and_conv_props(list(spacing), list(input_shape), 4, 999999)
-    if tuple(int(s) for s in fitted) != tuple(input_shape):
-        raise ValueError(f"backbone nnunet: nnU-Net's topology for spacing {tuple(spacing)} pools the patch by "
-                         f"{tuple(int(d) for d in divisible)} per axis; got {tuple(input_shape)}: set "
-                         f"train.patch_size to {tuple(int(s) for s in fitted)}")
     stages = len(pools)
     settings = {"features_per_stage": [min(32 * 2**i, 320) for i in range(stages)], "n_conv_per_stage": [2] * stages,
                 "n_conv_per_stage_decoder": [2] * (stages - 1), "conv_bias": True, "norm_op": nn.InstanceNorm3d,
@@ -133,53 +157,61 @@ class LogitsOnly(nn.Module):
 
 
 def _unetr(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
-    return nets.UNETR(in_channels, out_channels, img_size=tuple(input_shape), **options)
+    return _monai().UNETR(in_channels, out_channels, img_size=tuple(input_shape), **options)
 
 
 def _swinunetr(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
-    return nets.SwinUNETR(in_channels=in_channels, out_channels=out_channels, **({"feature_size": 48} | options))
+    return _monai().SwinUNETR(in_channels=in_channels, out_channels=out_channels, **({"feature_size": 48} | options))
 
 
 def _vnet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
     if 16 % in_channels:
         raise ValueError(f"backbone vnet (monai.networks.nets.VNet) needs 16 divisible by the number of input "
                          f"channels; got {in_channels}")
-    return nets.VNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
+    return _monai().VNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
 
 
 def _segresnet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
-    return nets.SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
+    return _monai().SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
 
 
 def _resunet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
     """MONAI's residual UNet (the paper's ResUNet baseline for landmarks), heatmaps out."""
     settings = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2} | options
-    return nets.UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **settings)
+    return _monai().UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **settings)
 
 
 def _resnet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
     depth = options.pop("depth", 18)
-    return getattr(nets, f"resnet{depth}")(spatial_dims=3, n_input_channels=in_channels, num_classes=out_channels,
-                                           **options)
+    return getattr(_monai(), f"resnet{depth}")(spatial_dims=3, n_input_channels=in_channels, num_classes=out_channels,
+                                               **options)
 
 
 def _densenet(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
-    return nets.DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
+    return _monai().DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
 
 
 def _vit(in_channels: int, out_channels: int, input_shape: Sequence[int], **options: Any) -> nn.Module:
     settings = {"patch_size": 16} | options
-    return LogitsOnly(nets.ViT(in_channels, img_size=tuple(input_shape), classification=True,
+    return LogitsOnly(_monai().ViT(in_channels, img_size=tuple(input_shape), classification=True,
                                num_classes=out_channels, post_activation=None, **settings))
 
 
 _PAPER_AMOS = "paper Table 2 (AMOS, 1 channel, 16 classes)"
+# No published parameter count of these two was found (SegMamba's authors did not count it: ge-xing/SegMamba
+# issue #19): the references are counted by hand, layer by layer, from the original code.
+_UMAMBA_COUNTED = ("counted from the code, no published figure found: bowang-lab/U-Mamba umamba/nnunetv2/nets/{file} "
+                   "(get_umamba_{builder}_3d_from_plans) on nnunetv2's 3d_fullres plan for a 1-channel 128^3 patch at "
+                   "1 mm, 16 classes: 6 stages, 32-320 features, 2 convs per stage")
+_SEGMAMBA_COUNTED = ("counted from the code, no published figure found: ge-xing/SegMamba model_segmamba/segmamba.py "
+                     "with its mamba_simple.py bimamba v3, SegMamba(in_chans=4, out_chans=4, depths=[2,2,2,2], "
+                     "feat_size=[48,96,192,384]) as its 3_train.py builds it for BraTS 2023 (128^3 patches)")
 BACKBONES: dict[str, dict[str, Backbone]] = {
     "segmentation": {
         "nnunet": Backbone("nnunet", "segmentation", "nnU-Net",
                            "dynamic_network_architectures PlainConvUNet, nnunetv2 3d_fullres topology", _nnunet, 1,
                            reference=(31.18, 1, 16, (128, 128, 128), {"spacing": (1.0, 1.0, 1.0)}, _PAPER_AMOS),
-                           needs_spacing=True),
+                           needs_spacing=True, recipe=_NNUNET_SGD),
         "unetr": Backbone("unetr", "segmentation", "UNETR", "monai.networks.nets.UNETR", _unetr, 16, fixed_input=True,
                           reference=(93.02, 1, 16, (96, 96, 96), {}, _PAPER_AMOS), recipe=_MONAI_BTCV),
         "swinunetr": Backbone("swinunetr", "segmentation", "SwinUNETR", "monai.networks.nets.SwinUNETR", _swinunetr,
@@ -189,6 +221,21 @@ BACKBONES: dict[str, dict[str, Backbone]] = {
                          reference=(45.65, 1, 16, (96, 96, 96), {}, _PAPER_AMOS)),
         "segresnet": Backbone("segresnet", "segmentation", "SegResNet", "monai.networks.nets.SegResNet", _segresnet,
                               8, recipe=_MONAI_BRATS),
+        "umamba_bot": Backbone("umamba_bot", "segmentation", "U-Mamba Bot",
+                               "nnmamba.mamba_peers, after bowang-lab/U-Mamba UMambaBot_3d", umamba_bot, 1,
+                               reference=(42.13, 1, 16, (128, 128, 128), {"spacing": (1.0, 1.0, 1.0)},
+                                          _UMAMBA_COUNTED.format(file="UMambaBot_3d.py", builder="bot")),
+                               needs_spacing=True, recipe=_NNUNET_SGD),
+        "umamba_enc": Backbone("umamba_enc", "segmentation", "U-Mamba Enc",
+                               "nnmamba.mamba_peers, after bowang-lab/U-Mamba UMambaEnc_3d", umamba_enc, 1,
+                               fixed_input=True,
+                               reference=(42.76, 1, 16, (128, 128, 128), {"spacing": (1.0, 1.0, 1.0)},
+                                          _UMAMBA_COUNTED.format(file="UMambaEnc_3d.py", builder="enc")),
+                               needs_spacing=True, recipe=_NNUNET_SGD),
+        "segmamba": Backbone("segmamba", "segmentation", "SegMamba",
+                             "nnmamba.mamba_peers, after ge-xing/SegMamba model_segmamba/segmamba.py", segmamba, 16,
+                             bottleneck_voxels=2, reference=(67.42, 4, 4, (128, 128, 128), {}, _SEGMAMBA_COUNTED),
+                             recipe=_SEGMAMBA_SGD),
     },
     "landmark": {
         "resunet": Backbone("resunet", "landmark", "ResUNet", "monai.networks.nets.UNet (residual units)", _resunet,

@@ -13,6 +13,7 @@ from itertools import islice
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, PolynomialLR
 
 from nnmamba.inference import predict_labels
 from nnmamba.metrics import dice
@@ -34,20 +35,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULES = ("constant", "poly")
+POLY_EXPONENT = 0.9     # nnU-Net's PolyLRScheduler: lr * (1 - epoch / epochs) ** 0.9
 
 
 def build_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, capturable: bool = False
+    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.0, nesterov: bool = False,
+    capturable: bool = False, tensor_lr: bool = False,
 ) -> torch.optim.Optimizer:
-    """Adam (the paper's: lr 0.002, weight decay 0.001) or AdamW (MONAI's transformer recipes); SSM
-    parameters flagged `_no_weight_decay` are exempt.
+    """Adam (the paper's: lr 0.002, weight decay 0.001), AdamW (MONAI's transformer recipes) or SGD
+    (nnU-Net's: lr 0.01, Nesterov momentum 0.99, weight decay 3e-5); SSM parameters flagged
+    `_no_weight_decay` are exempt.
 
     `capturable=True` keeps the optimizer's step counters on the GPU so that its step can be
-    recorded in a CUDA graph (`CapturedTrainStep`).
+    recorded in a CUDA graph (`CapturedTrainStep`); `tensor_lr=True` holds the learning rate in a
+    device tensor, so a schedule can change it under a recorded graph (a float would be baked in).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
+    if name != "sgd" and (momentum or nesterov):
+        raise ValueError(f"momentum and nesterov are SGD settings; optimizer {name!r} takes neither")
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -55,8 +63,22 @@ def build_optimizer(
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # On the GPU the fused kernel updates every parameter in a few launches instead of a dozen
     # multi-tensor passes; same arithmetic. None keeps PyTorch's default elsewhere.
-    fused = True if decay + no_decay and all(p.is_cuda for p in decay + no_decay) else None
-    return OPTIMIZERS[name](groups, lr=lr, fused=fused, capturable=capturable)
+    params = decay + no_decay
+    fused = True if params and all(p.is_cuda for p in params) else None
+    rate = torch.tensor(lr, device=params[0].device) if tensor_lr and params else lr
+    if name == "sgd":   # SGD keeps no step counter: nothing to make capturable
+        return torch.optim.SGD(groups, lr=rate, momentum=momentum, nesterov=nesterov, fused=fused)
+    return OPTIMIZERS[name](groups, lr=rate, fused=fused, capturable=capturable)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, epochs: int) -> LRScheduler | None:
+    """The learning-rate schedule, stepped once per epoch: None for a constant rate; `poly` decays it
+    as nnU-Net does (torch's PolynomialLR computes the same curve)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; known: {list(SCHEDULES)}")
+    if schedule == "constant":
+        return None
+    return PolynomialLR(optimizer, total_iters=epochs, power=POLY_EXPONENT)
 
 
 def repeat_batches(loader: Iterable) -> Iterator:

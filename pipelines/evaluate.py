@@ -6,7 +6,9 @@ annotation (segmentation: label maps mapped back onto the raw grid, per region o
 landmarks: world points against the raw points file; classification: class probabilities, with
 ACC, F1 and AUC over the whole test set of each seed). This driver writes the predictions, the
 per-case CSV, the summary JSON (DVC metrics: mean ± std over seeds per variant) and MLflow: test
-metrics in each child run, mean/std over seeds in the parent run.
+metrics in each child run, mean/std over seeds in the parent run. With `evaluate.ensemble_folds`,
+a k-fold study's folds of each (row, seed) also predict as one model (their logits averaged, as
+nnunetv2 ensembles folds), written beside as `test_ensemble_*` and `<trial>-ensemble/` predictions.
 
     python -m pipelines.evaluate brats2023
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections import defaultdict
+from pathlib import Path
 
 import pandas as pd
 import ray
@@ -41,11 +45,15 @@ def summarise(per_seed: pd.DataFrame) -> dict:
     return summary
 
 
-def log_to_mlflow(study: StudySpec, trials: dict, per_seed: pd.DataFrame, summary: dict) -> None:
-    """Each seed's test metrics into its child run; `<variant>_<metric>_mean/_std` into the parent run."""
+def log_to_mlflow(study: StudySpec, trials: dict, per_seed: pd.DataFrame, summary: dict,
+                  ensemble_summary: dict) -> None:
+    """Each seed's test metrics into its child run; `<variant>_<metric>_mean/_std` into the parent
+    run, and the fold ensembles' summary as its `test_ensemble_summary.json` artifact."""
+    runs = StudyRuns(study, trials["config_hash"])
+    if ensemble_summary:
+        runs.client.log_dict(trials["parent_run_id"], ensemble_summary, "test_ensemble_summary.json")
     if per_seed.empty:
         return
-    runs = StudyRuns(study, trials["config_hash"])
     for trial in trials["trials"]:
         runs.log_metrics(trial["run_id"], per_seed.loc[trial_key(trial, per_seed.index.names)].to_dict())
     parent = {f"{variant}_{col}_{stat}": value
@@ -53,37 +61,66 @@ def log_to_mlflow(study: StudySpec, trials: dict, per_seed: pd.DataFrame, summar
     runs.log_metrics(trials["parent_run_id"], parent)
 
 
-def evaluate(name: str) -> dict:
-    """Evaluate all of a study's trials on its test split and write predictions, CSV, JSON and MLflow."""
-    study = resolve_study(load_params().study(name))
-    trials = workspace.load_trials(name)
-    test_cases = workspace.load_split(name)["test"]
-    dataset_dir = str(workspace.path(workspace.PREPROCESSED, study=name))
-    connect_ray(study.ray)
+def fold_ensembles(trials: list[dict]) -> list[dict]:
+    """Each (row, seed) trained on two or more folds, as one model: {variant, seed, fold: None, model_dirs}."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for trial in trials:
+        if trial["fold"] is not None:
+            groups[trial["variant"], trial["seed"]].append(trial)
+    return [{"variant": variant, "seed": seed, "fold": None,
+             "model_dirs": [t["model_dir"] for t in sorted(members, key=lambda t: t["fold"])]}
+            for (variant, seed), members in sorted(groups.items()) if len(members) > 1]
+
+
+def score_models(jobs: list[dict], study: StudySpec, test_cases: list[str], out_root: Path, suffix: str = "",
+                 desc: str = "evaluate") -> pd.DataFrame:
+    """Score every job (a trial, or a fold ensemble) in a Ray task of its own, write each one's
+    predictions under `out_root/<trial name><suffix>/` and return the per-case table."""
     evaluator = get_task(study.task).evaluator
     resources = study.evaluate.resources
     score = ray.remote(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0))(evaluator.score)
-    pending = {score.remote(t["model_dir"], dataset_dir, test_cases, study): t for t in trials["trials"]}
-
-    out_root = workspace.path(workspace.PREDICTIONS, study=name)
-    shutil.rmtree(out_root, ignore_errors=True)
+    dataset_dir = str(workspace.path(workspace.PREPROCESSED, study=study.name))
+    pending = {score.remote(job["model_dirs"], dataset_dir, test_cases, study): job for job in jobs}
     rows = []
-    for ref in tqdm(_as_completed(list(pending)), total=len(pending), desc=f"evaluate {name}", unit="model"):
-        trial = pending[ref]
+    for ref in tqdm(_as_completed(list(pending)), total=len(pending), desc=f"{desc} {study.name}", unit="model"):
+        job = pending[ref]
         scored = ray.get(ref)
-        evaluator.save(scored, out_root, workspace.trial_name(trial["variant"], trial["seed"], trial["fold"]))
-        grid = {"variant": trial["variant"], "seed": trial["seed"],
-                **({} if trial["fold"] is None else {"fold": trial["fold"]})}
+        evaluator.save(scored, out_root, workspace.trial_name(job["variant"], job["seed"], job["fold"]) + suffix)
+        grid = {"variant": job["variant"], "seed": job["seed"], **({} if job["fold"] is None else {"fold": job["fold"]})}
         rows += [{**grid, **row} for row, _ in scored]
     per_case = pd.DataFrame(rows)
-    per_case = per_case.sort_values([*trial_keys(per_case), "case_id"])
-    per_case_file = workspace.path(workspace.TEST_PER_CASE, study=name)
-    per_case_file.parent.mkdir(parents=True, exist_ok=True)
-    per_case.to_csv(per_case_file, index=False)
-    per_seed = evaluator.per_seed(per_case)
+    return per_case.sort_values([*trial_keys(per_case), "case_id"]) if rows else per_case
+
+
+def write_results(study: StudySpec, per_case: pd.DataFrame, per_case_template: str, summary_template: str
+                  ) -> tuple[pd.DataFrame, dict]:
+    """The per-case CSV and the summary JSON (mean ± std over seeds and folds); returns (per-trial means, summary)."""
+    file = workspace.path(per_case_template, study=study.name)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    per_case.to_csv(file, index=False)
+    per_seed = get_task(study.task).evaluator.per_seed(per_case) if not per_case.empty else pd.DataFrame()
     summary = summarise(per_seed)
-    workspace.write_json(workspace.path(workspace.TEST_SUMMARY, study=name), summary)
-    log_to_mlflow(study, trials, per_seed, summary)
+    workspace.write_json(workspace.path(summary_template, study=study.name), summary)
+    return per_seed, summary
+
+
+def evaluate(name: str) -> dict:
+    """Evaluate all of a study's trials (and, where asked, its fold ensembles) on its test split and
+    write predictions, CSVs, JSONs and MLflow."""
+    study = resolve_study(load_params().study(name))
+    trials = workspace.load_trials(name)
+    test_cases = workspace.load_split(name)["test"]
+    connect_ray(study.ray)
+    out_root = workspace.path(workspace.PREDICTIONS, study=name)
+    shutil.rmtree(out_root, ignore_errors=True)
+    jobs = [{**trial, "model_dirs": [trial["model_dir"]]} for trial in trials["trials"]]
+    per_seed, summary = write_results(study, score_models(jobs, study, test_cases, out_root),
+                                      workspace.TEST_PER_CASE, workspace.TEST_SUMMARY)
+    ensembles = fold_ensembles(trials["trials"]) if study.evaluate.ensemble_folds else []
+    _, ensemble_summary = write_results(
+        study, score_models(ensembles, study, test_cases, out_root, suffix="-ensemble", desc="ensemble"),
+        workspace.TEST_ENSEMBLE_PER_CASE, workspace.TEST_ENSEMBLE_SUMMARY)
+    log_to_mlflow(study, trials, per_seed, summary, ensemble_summary)
     return summary
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from nnmamba.backbones import NNMAMBA, UNAVAILABLE, available_backbones, get_backbone
 from nnmamba.data.loading.augmentation import Augmentation
@@ -92,9 +92,18 @@ class ModelSpec(Spec):
 
 
 class OptimizerSpec(Spec):
-    name: Literal["adam", "adamw"]
+    name: Literal["adam", "adamw", "sgd"]
     lr: float
     weight_decay: float
+    momentum: float = 0.0                       # sgd only
+    nesterov: bool = False                      # sgd only
+    schedule: Literal["constant", "poly"] = "constant"   # poly: nnU-Net's lr * (1 - epoch / epochs) ** 0.9
+
+    @model_validator(mode="after")
+    def _sgd_settings(self) -> OptimizerSpec:
+        if self.name != "sgd" and (self.momentum or self.nesterov):
+            raise ValueError(f"momentum and nesterov are SGD settings; optimizer {self.name!r} takes neither")
+        return self
 
 
 class HeatmapSpec(Spec):
@@ -148,7 +157,8 @@ class TrainSpec(Spec):
         recipe = get_backbone(task, backbone).recipe
         if recipe is None:
             return self.optimizer
-        return OptimizerSpec(name=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return OptimizerSpec(name=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                             momentum=recipe.momentum, nesterov=recipe.nesterov, schedule=recipe.schedule)
 
     def grid(self) -> list[tuple[str, str]]:
         """(backbone, row) of every model the study trains per seed: nnMamba's variants (the row is
@@ -163,6 +173,7 @@ class EvaluateSpec(Spec):
     mirror_axes: tuple[int, ...]
     resources: dict[str, float]                 # per Ray task: {CPU: n, GPU: m}
     regions: dict[str, tuple[int, ...]] | None = None   # None: one region per foreground class
+    ensemble_folds: bool = False                # k-fold: also score each (row, seed)'s folds as one model
 
 
 class RaySpec(Spec):

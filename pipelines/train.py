@@ -206,7 +206,7 @@ class MLflowTrialCallback(ray.tune.Callback):
     when a trial or the whole stage restarts, hence this small callback.
     """
 
-    LOGGED = ("epoch", "train_loss", "epoch_time_s")
+    LOGGED = ("epoch", "train_loss", "epoch_time_s", "lr")
 
     def __init__(self, runs: StudyRuns, parent_id: str, params: dict[str, str]):
         self.runs, self.parent_id, self.params = runs, parent_id, params

@@ -19,11 +19,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from nnmamba.checkpoint import load_bundle, model_from_arch
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON
-from nnmamba.engine import (DDP_OPTIONS, CapturedTrainStep, amp_dtype, build_optimizer, capture_ready_stream,
-                            repeat_batches, train_epoch)
+from nnmamba.engine import (DDP_OPTIONS, CapturedTrainStep, amp_dtype, build_optimizer, build_schedule,
+                            capture_ready_stream, repeat_batches, train_epoch)
 from pipelines.params import TrialSpec
 from pipelines.tasks import Task, get_task
 
@@ -51,8 +52,9 @@ def _gather(records: list[dict]) -> list[dict]:
     return [record for part in gathered for record in part]
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict | None:
-    """The latest Ray Train checkpoint's state (model and optimizer loaded), or None on a fresh start."""
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRScheduler | None,
+             device: torch.device) -> dict | None:
+    """The latest Ray Train checkpoint's state (model, optimizer and schedule loaded), or None on a fresh start."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
@@ -60,6 +62,8 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.d
         state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None:
+        schedule.load_state_dict(state["schedule"])
     return state
 
 
@@ -112,8 +116,12 @@ def train_loop(config: dict) -> None:
     with capture_ready_stream(device, enabled=graphed):
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
     bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer = build_optimizer(bare, **trial.optimizer.model_dump(), capturable=graphed)
-    state = _restore(bare, optimizer, device)
+    settings = trial.optimizer
+    optimizer = build_optimizer(bare, settings.name, settings.lr, settings.weight_decay, settings.momentum,
+                                settings.nesterov, capturable=graphed,
+                                tensor_lr=graphed and settings.schedule != "constant")
+    schedule = build_schedule(optimizer, settings.schedule, train.epochs)
+    state = _restore(bare, optimizer, schedule, device)
     if state is None and trial.init_dir:
         _initialise(bare, trial)
     start_epoch = state["epoch"] if state else 0
@@ -139,11 +147,15 @@ def train_loop(config: dict) -> None:
             val_metrics = _validate(task, bare, trial, device, dtype)
         metrics = {"epoch": epoch + 1, "train_loss": _mean_over_workers(loss, device), **val_metrics}
         best = metrics[metric] if best is None else better(best, metrics[metric])
-        metrics |= {f"best_{metric}": best, "epoch_time_s": time.perf_counter() - started}
+        metrics |= {f"best_{metric}": best, "epoch_time_s": time.perf_counter() - started,
+                    "lr": float(optimizer.param_groups[0]["lr"])}
+        if schedule is not None:
+            schedule.step()
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
                 torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                            "val_metrics": val_metrics, "best": best}, Path(directory) / STATE_FILE)
+                            "val_metrics": val_metrics, "best": best,
+                            "schedule": schedule.state_dict() if schedule else None}, Path(directory) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)

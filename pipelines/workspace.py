@@ -34,6 +34,8 @@ METRICS = "metrics/{study}"
 TRAIN_CURVES = METRICS + "/train_curves.csv"
 TEST_PER_CASE = METRICS + "/test_per_case.csv"
 TEST_SUMMARY = METRICS + "/test_summary.json"
+TEST_ENSEMBLE_PER_CASE = METRICS + "/test_ensemble_per_case.csv"   # k-fold: each (row, seed)'s folds as one model
+TEST_ENSEMBLE_SUMMARY = METRICS + "/test_ensemble_summary.json"
 PREDICTIONS = "predictions/{study}"
 REPORTS = "reports"
 

@@ -89,7 +89,7 @@ def test_paper_profile_has_the_papers_settings(tmp_path):
     params["profile"] = "paper"
     study = load_params(write_params(tmp_path, params)).study("brats2023")
     train = study.train
-    assert train.optimizer.model_dump() == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}
+    assert train.optimizer.model_dump(exclude_defaults=True) == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}
     assert train.batch_size == 2 and train.epochs == 1000 and train.patch_size == (128, 128, 128)
     assert study.split.val == 125 and study.split.test == 251
     assert study.model.base_channels == 32
@@ -99,14 +99,16 @@ def test_paper_profile_has_the_papers_settings(tmp_path):
 
 def test_each_backbone_trains_with_its_own_recipe_unless_shared(tmp_path):
     params = real_params()
-    params["studies"]["brats2023"]["train"] = {"backbones": ["nnmamba", "unetr", "vnet", "segresnet"],
+    params["studies"]["brats2023"]["train"] = {"backbones": ["nnmamba", "unetr", "vnet", "segresnet", "nnunet"],
                                               "backbone_optimizers": {"segresnet": {"name": "adam", "lr": 0.01,
                                                                                     "weight_decay": 0.0}}}
     train = load_params(write_params(tmp_path, params)).study("brats2023").train
-    own = {b: train.optimizer_for("segmentation", b).model_dump() for b in train.backbones}
+    own = {b: train.optimizer_for("segmentation", b).model_dump(exclude_defaults=True) for b in train.backbones}
     assert own["nnmamba"] == own["vnet"] == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}  # VNet: none published
     assert own["unetr"] == {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-5}                     # MONAI's BTCV recipe
     assert own["segresnet"] == {"name": "adam", "lr": 0.01, "weight_decay": 0.0}                   # overridden
+    assert own["nnunet"] == {"name": "sgd", "lr": 0.01, "weight_decay": 3e-5, "momentum": 0.99,    # nnUNetTrainer's
+                             "nesterov": True, "schedule": "poly"}
     params["studies"]["brats2023"]["train"]["recipe"] = "shared"
     shared = load_params(write_params(tmp_path, params)).study("brats2023").train
     assert {shared.optimizer_for("segmentation", b).lr for b in shared.backbones} == {0.002}
@@ -123,3 +125,10 @@ def test_benchmark_profile_runs_every_available_backbone_where_its_input_fits(tm
         if shape != "auto":  # planned patches are checked by train@<study> once the plan exists
             for backbone in set(study.train.backbones) - {"nnmamba"}:
                 get_backbone(study.task, backbone).check_input(shape)
+
+
+def test_sgd_settings_on_another_optimizer_are_refused(tmp_path):
+    params = real_params()
+    params["train"]["optimizer"] = {"name": "adam", "lr": 0.002, "weight_decay": 0.001, "nesterov": True}
+    with pytest.raises(ParamsError, match="nesterov are SGD settings"):
+        load_params(write_params(tmp_path, params))

@@ -1,4 +1,4 @@
-"""End to end: `dvc repro` of a 2-fold cross-validated study with two backbones, read back from disk and MLflow."""
+"""End to end: `dvc repro` of a 2-fold cross-validated study with two backbones, its folds also scored as one\nensemble per (backbone, seed), read back from disk and MLflow."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ ROWS = {"miccss": "nnmamba", "nnunet": "nnunet"}   # table row -> backbone
 TINY = {
     "synthetic": {"brats2023": {"n_cases": 8, "shape": [48, 48, 32]}},
     "split": {"method": "kfold", "folds": FOLDS, "test": 2},
+    "evaluate": {"ensemble_folds": True},
     "model": {"base_channels": 4, "blocks_per_stage": 2},
     "train": {"backbones": ["nnmamba", "nnunet"], "variants": ["miccss"], "seeds": SEEDS, "epochs": 1, "steps_per_epoch": 2, "samples_per_volume": 2,
               "queue_length": 4},
@@ -69,3 +70,17 @@ def test_the_table_has_a_row_per_backbone_with_its_size_and_the_mean_over_folds(
     header = next(line for line in table.splitlines() if line.startswith("| Method"))
     assert "| Params (M) | GMACs 1×32×32×32 |" in header
     assert "| +MICCSS |" in table and "| nnU-Net |" in table
+
+
+def test_each_rows_folds_are_also_scored_as_one_ensemble(repro):
+    ensemble = json.loads((repro / "metrics/brats2023/test_ensemble_summary.json").read_text())
+    assert sorted(ensemble) == sorted(ROWS)
+    assert all(0.0 <= ensemble[row]["test_dice_mean"]["mean"] <= 1.0 for row in ROWS)
+    per_case = (repro / "metrics/brats2023/test_ensemble_per_case.csv").read_text().splitlines()
+    assert per_case[0].startswith("variant,seed,case_id") and len(per_case) == 1 + len(ROWS) * 2
+    for row in ROWS:
+        assert len(list((repro / f"predictions/brats2023/{row}-seed0-ensemble").glob("*.nii.gz"))) == 2
+    client = MlflowClient(f"sqlite:///{repro}/mlflow.db")
+    experiment = client.get_experiment_by_name("nnmamba-seg-brats2023")
+    parent = client.search_runs([experiment.experiment_id], "tags.run_type = 'ablation'")[0]
+    assert "test_ensemble_summary.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]

@@ -90,7 +90,7 @@ def test_logged_model_loads_and_predicts(repro):
     with torch.no_grad():
         out = model(torch.randn(1, 4, 32, 32, 32))
     assert out.shape == (1, 4, 32, 32, 32)
-    versions = client.search_model_versions("name = 'nnmamba-seg-brats2023-miccss'")
+    versions = client.search_model_versions("name = 'nnmamba-seg-brats2023-nnmamba-miccss'")
     assert len(versions) == len(SEEDS)
 
 

@@ -55,4 +55,4 @@ def test_paper_profile_uses_the_amos_folders_and_the_papers_training(tmp_path) -
         assert spec.dataset.reader == {"modality": modality, "subsets": ["imagesTr", "imagesVa", "imagesTs"]}
         assert spec.split.method == "folders"
         assert spec.train.epochs == 1000 and spec.train.patch_size == "auto"
-        assert spec.train.optimizer.model_dump() == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}
+        assert spec.train.optimizer.model_dump(exclude_defaults=True) == {"name": "adam", "lr": 0.002, "weight_decay": 0.001}

@@ -32,11 +32,12 @@ Scored = list[tuple[dict, Any]]   # per test case: (its row of the per-case tabl
 
 @dataclass(frozen=True)
 class Evaluator:
-    """A task's test-time work: `score` (one Ray task per trained model) returns a row and a
+    """A task's test-time work: `score` (one Ray task per trained model, or per fold ensemble: the
+    bundles it is given predict as one, `nnmamba.ensemble`) returns a row and a
     prediction per case, `save` writes one model's predictions under `predictions/<study>/`,
     `per_seed` turns the per-case table into one row of test metrics per (variant, seed)."""
 
-    score: Callable[[str, str, list[str], StudySpec], Scored]
+    score: Callable[[list[str], str, list[str], StudySpec], Scored]
     save: Callable[[Scored, Path, str], None]
     per_seed: Callable[[pd.DataFrame], pd.DataFrame]
 

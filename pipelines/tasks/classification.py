@@ -19,13 +19,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from nnmamba.checkpoint import load_bundle
 from nnmamba.data.cases import RawDataset
 from nnmamba.data.layouts import get_layout
 from nnmamba.data.loading.volume_batches import make_volume_loader
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON, load_preprocessed
 from nnmamba.data.preprocessing.whole_volume import prepare_classification_dataset
 from nnmamba.data.splits import classification_split, split_cases, with_folds
+from nnmamba.ensemble import load_models
 from nnmamba.inference import class_probabilities
 from nnmamba.losses import build_loss
 from nnmamba.metrics import classification_metrics
@@ -88,14 +88,14 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, float]:
     return {f"val_{name}": value for name, value in metrics.items()}
 
 
-def score(model_dir: str, dataset_dir: str, case_ids: list[str], study: StudySpec) -> Scored:
-    """One trained classifier's class probabilities (`p_<class>`) and predicted class index per case.
+def score(model_dirs: list[str], dataset_dir: str, case_ids: list[str], study: StudySpec) -> Scored:
+    """One trained classifier's (or fold ensemble's) class probabilities (`p_<class>`) and predicted class index per case.
 
     Nothing is scored per case: ACC, F1 and AUC are properties of the whole test set (see
     `per_seed`), so the row carries what they are computed from.
     """
     device = evaluation_device()
-    model, _ = load_bundle(Path(model_dir), device)
+    model, _ = load_models(model_dirs, device)
     index = json.loads((Path(dataset_dir) / DATASET_JSON).read_text())
     names = [index["labels"][str(i)] for i in range(len(index["labels"]))]
     scored = []

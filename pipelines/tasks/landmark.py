@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnmamba.checkpoint import load_bundle
 from nnmamba.data.cases import RawDataset
 from nnmamba.data.layouts import get_layout
 from nnmamba.data.loading.heatmap_sampling import make_heatmap_loader
@@ -26,6 +25,7 @@ from nnmamba.data.preprocessing.landmarks import prepare_landmark_dataset
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON, load_preprocessed
 from nnmamba.data.readers.landmarks import read_landmarks, write_landmarks
 from nnmamba.data.splits import split_cases, with_folds
+from nnmamba.ensemble import load_models
 from nnmamba.inference import predict_landmarks
 from nnmamba.losses import build_loss
 from nnmamba.metrics import landmark_metrics, radial_errors
@@ -87,13 +87,13 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, float]:
     return {"val_mre_mm": float(np.mean(errors))}
 
 
-def score(model_dir: str, dataset_dir: str, case_ids: list[str], study: StudySpec) -> Scored:
-    """Score one trained landmark model: (radial errors in mm per landmark, predicted RAS world points) per case.
+def score(model_dirs: list[str], dataset_dir: str, case_ids: list[str], study: StudySpec) -> Scored:
+    """Score one trained landmark model (or the fold ensemble of several): (radial errors in mm per landmark, predicted RAS world points) per case.
 
     The truth is read from the raw points file, not from the prepared copy.
     """
     device = evaluation_device()
-    model, _ = load_bundle(Path(model_dir), device)
+    model, _ = load_models(model_dirs, device)
     evaluate = study.evaluate
     index = json.loads((Path(dataset_dir) / DATASET_JSON).read_text())
     names = index["landmarks"]

@@ -22,7 +22,6 @@ import torch
 import torchio as tio
 from torch import nn
 
-from nnmamba.checkpoint import load_bundle
 from nnmamba.complexity import TrainingMemory, measure_training_memory
 from nnmamba.data.cases import RawDataset
 from nnmamba.data.layouts import get_layout
@@ -32,6 +31,7 @@ from nnmamba.data.preprocessing.plan import Preprocessing, make_plan
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON, load_preprocessed, prepare_dataset
 from nnmamba.data.splits import split_cases, with_folds
 from nnmamba.engine import amp_dtype, validation_dice
+from nnmamba.ensemble import load_models
 from nnmamba.losses import build_loss
 from nnmamba.metrics import per_class_regions, segmentation_metrics
 from nnmamba.models import available_variants, build_model
@@ -128,13 +128,14 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, float]:
     return {"val_dice_mean": sum(r["dice"] for r in records) / max(len(records), 1)}
 
 
-def score(model_dir: str, dataset_dir: str, case_ids: list[str], study: StudySpec) -> Scored:
-    """Score one trained model on the given cases: (metrics row, (prediction in raw geometry, raw file ending)).
+def score(model_dirs: list[str], dataset_dir: str, case_ids: list[str], study: StudySpec) -> Scored:
+    """Score one trained model (or the fold ensemble of several) on the given cases: per case
+    (metrics row, (prediction in raw geometry, raw file ending)).
 
     Unlabelled cases get a row with their id only.
     """
     device = evaluation_device()
-    model, _ = load_bundle(Path(model_dir), device)
+    model, _ = load_models(model_dirs, device)
     evaluate = study.evaluate
     index = json.loads((Path(dataset_dir) / DATASET_JSON).read_text())
     scored = []
