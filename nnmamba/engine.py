@@ -66,9 +66,9 @@ def build_optimizer(
     params = decay + no_decay
     fused = True if params and all(p.is_cuda for p in params) else None
     rate = torch.tensor(lr, device=params[0].device) if tensor_lr and params else lr
-    if name == "sgd":   # SGD keeps no step counter: nothing to make capturable
-        return torch.optim.SGD(groups, lr=rate, momentum=momentum, nesterov=nesterov, fused=fused)
-    return OPTIMIZERS[name](groups, lr=rate, fused=fused, capturable=capturable)
+    # SGD keeps no step counter, so it has nothing to make capturable; Adam(W) has no momentum setting.
+    own = {"momentum": momentum, "nesterov": nesterov} if name == "sgd" else {"capturable": capturable}
+    return OPTIMIZERS[name](groups, lr=rate, fused=fused, **own)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, epochs: int) -> LRScheduler | None:
