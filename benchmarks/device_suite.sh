@@ -58,7 +58,7 @@ for step in "$@"; do
     speed) run_step speed 170 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed.json" \
         --shapes amos --configs bf16-cl-graph bf16-cl --check-graph ;;
     backbones) run_step backbones 420 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/backbone_speed.json" \
-        --configs bf16-cl --steps 5 --repeats 3 ${TASKS:+--tasks $TASKS} ;;   # every nnMamba variant and competitor
+        --configs bf16-cl --steps 5 --repeats 3 ${TASKS:+--tasks $TASKS} ${SHAPES:+--shapes $SHAPES} ;;  # every variant and competitor
     speed_more) run_step speed_more 120 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed_more.json" \
         --shapes brats adni --configs bf16-cl-graph ;;
     profile) run_step profile 90 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/profile_speed.json" \

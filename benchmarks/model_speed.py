@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from _common import ResultFile, cuda_time_ms, summary
-from nnmamba.backbones import BACKBONES, NNMAMBA, build_network
+from nnmamba.backbones import BACKBONES, NNMAMBA, build_network, get_backbone
 from nnmamba.complexity import count_macs
 from nnmamba.engine import CAPTURE_WARMUP_STEPS, CapturedTrainStep, build_optimizer, train_epoch
 from nnmamba.losses import build_loss
@@ -108,13 +108,21 @@ def model_size(model: nn.Module, shape: Shape) -> dict[str, float]:
     return {"parameters_m": count_parameters(model) / 1e6, "gmacs_per_sample": macs / 1e9}
 
 
+def build_options(task: str, backbone: str) -> dict[str, object]:
+    """Backbones planned from the voxel spacing (nnU-Net, U-Mamba) get 1 mm isotropic, as AMOS and BraTS
+    are resampled to and as their reference parameter counts assume."""
+    needs_spacing = backbone != NNMAMBA and get_backbone(task, backbone).needs_spacing
+    return {"spacing": (1.0, 1.0, 1.0)} if needs_spacing else {}
+
+
 def prepared(task: str, row: tuple[str, str | None], shape: Shape, config: Config, device: torch.device):
     """Model (seeded), optimizer, loss and the step runner a training loop would use for this config.
 
     Every row trains with nnMamba's optimizer here, so the step times compare the networks alone.
     """
     torch.manual_seed(0)
-    model = build_network(task, *row, shape.in_channels, shape.out_channels, shape.spatial).to(device)
+    model = build_network(task, *row, shape.in_channels, shape.out_channels, shape.spatial,
+                          **build_options(task, row[0])).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(model, "adam", lr=2e-3, weight_decay=1e-3, capturable=config.graph)
