@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ def build_trainer(trial: TrialSpec, callbacks: list) -> TorchTrainer:
     metric, mode = get_task(trial.study.task).selection(bool(trial.val_cases))
     return TorchTrainer(
         train_loop,
-        train_loop_config={"trial": trial},
+        train_loop_config={"trial": trial, "trial_started_at": time.time()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=ray_spec.num_workers,
             use_gpu=ray_spec.use_gpu,
@@ -206,11 +207,13 @@ class MLflowTrialCallback(ray.tune.Callback):
     when a trial or the whole stage restarts, hence this small callback.
     """
 
-    LOGGED = ("epoch", "train_loss", "epoch_time_s", "lr")
+    LOGGED = ("epoch", "train_loss", "epoch_time_s", "train_time_s", "val_time_s", "setup_time_s",
+              "trial_start_to_train_s", "lr")
 
     def __init__(self, runs: StudyRuns, parent_id: str, params: dict[str, str]):
         self.runs, self.parent_id, self.params = runs, parent_id, params
         self.run_ids: dict[str, str] = {}
+        self.log_seconds: list[float] = []   # the driver's MLflow time per reported epoch
 
     def on_trial_start(self, iteration, trials, trial, **info):
         spec: TrialSpec = trial.config["trial"]
@@ -222,7 +225,9 @@ class MLflowTrialCallback(ray.tune.Callback):
         metrics = {k: v for k, v in result.items()
                    if (k in self.LOGGED or k.startswith(("val_", "best_val_"))) and isinstance(v, (int, float))}
         if "epoch" in metrics:
+            started = time.perf_counter()
             self.runs.log_metrics(self.run_ids[trial.trial_id], metrics, step=int(metrics["epoch"]))
+            self.log_seconds.append(time.perf_counter() - started)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.runs.client.set_terminated(self.run_ids[trial.trial_id], "FINISHED")
@@ -284,6 +289,7 @@ def train(name: str) -> list[dict]:
     parent_id = runs.parent(params)
     connect_ray(study.ray)
 
+    mlflow_callback = MLflowTrialCallback(runs, parent_id, params)
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(run_trial, {"cpu": 0, "memory": 1e6}),
         param_space={"trial": ray.tune.grid_search(trials)},
@@ -292,11 +298,13 @@ def train(name: str) -> list[dict]:
         run_config=ray.tune.RunConfig(
             name=f"{name}-{digest}-tune",
             storage_path=storage,
-            callbacks=[MLflowTrialCallback(runs, parent_id, params)],
+            callbacks=[mlflow_callback],
             verbose=1,
         ),
     )
     results = tuner.fit()
+    if logged := mlflow_callback.log_seconds:
+        print(f"train: MLflow logging took {1e3 * sum(logged) / len(logged):.1f} ms per epoch (mean of {len(logged)})")
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(results)} trials failed; first error: {errors[0]}")

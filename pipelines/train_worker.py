@@ -98,6 +98,7 @@ def _validate(task: Task, model: nn.Module, trial: TrialSpec, device: torch.devi
 
 def train_loop(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`; `config["trial"]` is the TrialSpec (pipelines/params.py)."""
+    entered = time.perf_counter()
     trial: TrialSpec = config["trial"]
     train, task = trial.study.train, get_task(trial.study.task)
     context = ray.train.get_context()
@@ -138,17 +139,24 @@ def train_loop(config: dict) -> None:
     captured = CapturedTrainStep(model, loss_fn, optimizer, dtype) if graphed else None
     metric, mode = task.selection(bool(trial.val_cases))
     better = max if mode == "max" else min
+    # Where a trial's time goes: worker start-up (first epoch after each start only), the train steps,
+    # the validation, the whole epoch; and wall-clock from the trial's start to its first step.
+    timing = {"setup_time_s": time.perf_counter() - entered,
+              "trial_start_to_train_s": time.time() - config["trial_started_at"]}
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
         loss = train_epoch(model, batches, loss_fn, optimizer, train.steps_per_epoch, device, dtype,
                            train.channels_last, captured)
+        timing["train_time_s"] = time.perf_counter() - started
         due = not val_metrics or (epoch + 1) % train.val_every == 0 or epoch + 1 == train.epochs
         if trial.val_cases and due:
             val_metrics = _validate(task, bare, trial, device, dtype)
+        timing["val_time_s"] = time.perf_counter() - started - timing["train_time_s"]
         metrics = {"epoch": epoch + 1, "train_loss": _mean_over_workers(loss, device), **val_metrics}
         best = metrics[metric] if best is None else better(best, metrics[metric])
         metrics |= {f"best_{metric}": best, "epoch_time_s": time.perf_counter() - started,
-                    "lr": float(optimizer.param_groups[0]["lr"])}
+                    "lr": float(optimizer.param_groups[0]["lr"]), **timing}
+        timing = {}
         if schedule is not None:
             schedule.step()
         with tempfile.TemporaryDirectory() as directory:

@@ -92,6 +92,16 @@ def test_synthetic_generation_is_seeded(tmp_path: Path) -> None:
         assert not np.array_equal(same[0], same[2])
 
 
+def test_parallel_generation_writes_the_same_cases(tmp_path: Path) -> None:
+    serial = write_synthetic_brats(tmp_path / "serial", 3, shape=SHAPE, seed=5)
+    parallel = write_synthetic_brats(tmp_path / "parallel", 3, shape=SHAPE, seed=5, workers=2)
+    assert serial == parallel
+    for case_id in serial:
+        for modality in ("t1c", "t2f", "seg"):
+            images = [_read(brats_file(tmp_path / r / case_id, modality))[0] for r in ("serial", "parallel")]
+            assert np.array_equal(images[0], images[1])
+
+
 def test_load_case_stacks_channels_in_order(raw_root: Path) -> None:
     case = find_brats_cases(raw_root)[1]
     subject = load_case(case, BRATS_LABELS)

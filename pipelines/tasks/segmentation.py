@@ -14,6 +14,7 @@ test metrics in the raw geometry, and the paper's Tables 1 and 2.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -145,15 +146,19 @@ def score(model_dirs: list[str], dataset_dir: str, case_ids: list[str], study: S
         first_image = Path(next(iter(entry["raw_images"].values())))
         # The raw label, read once: the grid to predict on and the truth to score against.
         truth = tio.LabelMap(entry["raw_label"]) if entry["raw_label"] is not None else None
+        started = time.perf_counter()
         prediction = segment_preprocessed(model, subject["image"].data, entry["properties"],
                                           first_image if truth is None else truth,
                                           study.train.patch_size, overlap=evaluate.overlap,
                                           mirror_axes=evaluate.mirror_axes, device=device)
+        predicted = time.perf_counter()
         row = {"case_id": case_id}
         if truth is not None:
             metrics = segmentation_metrics(prediction.numpy()[0], truth.numpy()[0], truth.spacing,
                                            evaluate.regions, evaluate.nsd_tolerance_mm)
             row.update({f"test_{k}": v for k, v in metrics.items()})
+        print(f"evaluate: {case_id} predicted in {predicted - started:.2f} s, scored in "
+              f"{time.perf_counter() - predicted:.2f} s", flush=True)
         scored.append((row, (prediction, file_ending(first_image))))
     return scored
 

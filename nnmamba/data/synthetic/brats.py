@@ -16,6 +16,8 @@ change when ``n_cases`` does.
 
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,24 +62,32 @@ def write_synthetic_brats(
     shape: tuple[int, int, int] = (64, 64, 48),
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     seed: int = 0,
+    workers: int = 1,
 ) -> list[str]:
     """Write ``n_cases`` cases under ``root`` and return their case ids.
 
     ``shape`` and ``spacing`` are given in RAS axis order; cases stored in a
     permuted orientation have their on-disk array axes permuted accordingly.
+    ``workers`` processes write cases side by side (BraTS-size cases take seconds each);
+    every case depends on its own index alone, so the files are the same for any count.
     """
-    root = Path(root)
-    case_ids = []
-    for index in range(n_cases):
-        rng = np.random.default_rng([seed, index])
-        case_id = SYNTHETIC_CASE_ID.format(index=index)
-        tissue = _paint_head(shape, spacing, rng)
-        volumes = {m: _modality_image(tissue, m, rng) for m in TISSUE_INTENSITY}
-        volumes[BRATS_SEG] = _tumour_labels(tissue)
-        codes = SYNTHETIC_ORIENTATIONS[index % len(SYNTHETIC_ORIENTATIONS)]
-        _write_case(root / case_id, volumes, centred_ras_affine(shape, spacing), codes)
-        case_ids.append(case_id)
-    return case_ids
+    write = partial(_write_synthetic_case, Path(root), tuple(shape), tuple(spacing), seed)
+    if workers <= 1:
+        return [write(index) for index in range(n_cases)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(write, range(n_cases)))
+
+
+def _write_synthetic_case(root: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int,
+                          index: int) -> str:
+    rng = np.random.default_rng([seed, index])
+    case_id = SYNTHETIC_CASE_ID.format(index=index)
+    tissue = _paint_head(shape, spacing, rng)
+    volumes = {m: _modality_image(tissue, m, rng) for m in TISSUE_INTENSITY}
+    volumes[BRATS_SEG] = _tumour_labels(tissue)
+    codes = SYNTHETIC_ORIENTATIONS[index % len(SYNTHETIC_ORIENTATIONS)]
+    _write_case(root / case_id, volumes, centred_ras_affine(shape, spacing), codes)
+    return case_id
 
 
 def smooth_field(shape: tuple[int, ...], rng: np.random.Generator, sigma: float) -> np.ndarray:
