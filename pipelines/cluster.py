@@ -40,14 +40,15 @@ def driver_runtime_env(settings: RaySpec) -> dict | None:
 
 
 def connect_ray(settings: RaySpec) -> None:
-    """Join the cluster in RAY_ADDRESS (or `ray.address` in params), else start a local Ray.
+    """Join the cluster in RAY_ADDRESS (or `ray.address` in params), else start a private local Ray.
 
     Jobs submitted with `ray job submit` find RAY_ADDRESS set by Ray itself, so the same stage
-    code runs on a laptop and on a cluster.
+    code runs on a laptop and on a cluster. Without an address, plain `ray.init()` would join any
+    cluster that `ray start` left running on the host; "local" never does. The log says which.
     """
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or settings.address
+    address = os.environ.get("RAY_ADDRESS") or settings.address or "local"
     runtime_env = driver_runtime_env(settings)
     if address and "://" not in address and address not in ("auto", "local"):
         # Ray Train's placement-group cleaner looks actors up by the cluster address; without one it
@@ -55,3 +56,6 @@ def connect_ray(settings: RaySpec) -> None:
         # (CI, shared machines) it then tears down this job's live trials.
         runtime_env = {"env_vars": {**(runtime_env or {}).get("env_vars", {}), "RAY_ADDRESS": address}}
     ray.init(address=address, runtime_env=runtime_env)
+    where = "a private local Ray" if address == "local" else f"the cluster at {address}"
+    resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    print(f"ray: using {where} (GCS {ray.get_runtime_context().gcs_address}, {resources})", flush=True)

@@ -189,3 +189,15 @@ def test_runs_read_back_over_rest(tracked, mlflow_server):
     assert [v["run_id"] for v in registered["registered_model"]["latest_versions"]] == [child["info"]["run_id"]]
     stored = list(Path(mlflow_server["artifacts"]).rglob("MLmodel"))
     assert len(stored) == 1, "the logged model's files are not in the server's artifact store"
+
+
+def test_local_run_never_joins_a_running_cluster(ray_cluster):
+    """With a `ray start` cluster up on the host and no address given, a stage starts its own Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = ("from pipelines.cluster import connect_ray; from pipelines.params import load_params; import ray; "
+            "connect_ray(load_params().study('brats2023').ray); print('GCS=' + ray.get_runtime_context().gcs_address)")
+    out = subprocess.run([BIN / "python", "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    gcs = out.stdout.split("GCS=")[1].strip()
+    assert gcs != ray_cluster["address"] and "using a private local Ray" in out.stdout

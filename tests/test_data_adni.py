@@ -99,6 +99,21 @@ def test_bad_manifests_name_the_line_and_the_problem(adni_root, tmp_path, proble
         find_adni_cases(tmp_path)
 
 
+@pytest.mark.parametrize("route", ["dot-dot", "absolute", "symlink"])
+def test_an_image_outside_the_manifest_folder_is_refused(adni_root, tmp_path, route):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere.nii.gz"
+    (root / "images").mkdir(parents=True)
+    outside.write_bytes((adni_root / manifest_rows(adni_root)[0]["image"]).read_bytes())
+    (root / "images" / "link.nii.gz").symlink_to(outside)
+    image = {"dot-dot": "../elsewhere.nii.gz", "absolute": str(outside), "symlink": "images/link.nii.gz"}[route]
+    columns = ["subject", "image", "diagnosis"]
+    write_manifest(root, [{"subject": "S1", "image": image, "diagnosis": "AD"}], columns)
+    with pytest.raises(DataError) as raised:
+        find_adni_cases(root)
+    assert str(raised.value) == (f"{root / 'manifest.csv'} line 2 (subject S1): {root / image} resolves to "
+                                 f"{outside.resolve()}, outside the dataset root {root.resolve()}")
+
+
 def test_a_manifest_saved_with_a_byte_order_mark_reads(adni_root, tmp_path):
     manifest = adni_root / "manifest.csv"
     (adni_root / "bom.csv").write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())

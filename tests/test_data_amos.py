@@ -103,6 +103,17 @@ def test_missing_label_bad_name_and_no_cases(amos_root: Path, tmp_path: Path) ->
         read_amos_dataset(amos_root, "CT", ("imagesVal",))
 
 
+def test_a_label_symlinked_outside_the_root_is_refused(amos_root: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(amos_root, tmp_path / "amos"))
+    label = root / "labelsTr/amos_0001.nii.gz"
+    outside = label.rename(tmp_path / "elsewhere.nii.gz")
+    label.symlink_to(outside)
+    with pytest.raises(DataError) as raised:
+        read_amos_dataset(root, "CT")
+    assert str(raised.value) == (f"case amos_0001: {label} resolves to {outside.resolve()}, "
+                                 f"outside the dataset root {root.resolve()}")
+
+
 def _only_ct_test(amos_root: Path, tmp_path: Path) -> Path:
     root = tmp_path / "ct_only"
     (root / "imagesTs").mkdir(parents=True)

@@ -201,3 +201,31 @@ def test_nan_voxel_is_named(raw_root: Path) -> None:
     data[10, 10, 10] = np.nan
     _rewrite(path, data, affine)
     _load_expecting_error(raw_root, 0, path, "1 NaN/inf")
+
+
+def test_a_file_or_case_folder_symlinked_outside_the_root_is_refused(raw_root: Path, tmp_path: Path) -> None:
+    root = raw_root.resolve()
+    path = brats_file(_case_dir(raw_root, 0), "t2f")
+    outside = tmp_path / "elsewhere" / path.name
+    outside.parent.mkdir()
+    path.rename(outside)
+    path.symlink_to(outside)
+    with pytest.raises(DataError) as raised:
+        find_brats_cases(raw_root)
+    assert str(raised.value) == (f"case {path.parent.name}: {path} resolves to {outside.resolve()}, "
+                                 f"outside the dataset root {root}")
+    path.unlink()
+    outside.rename(path)
+    case_dir = _case_dir(raw_root, 1)
+    moved = case_dir.rename(tmp_path / "elsewhere" / case_dir.name)
+    case_dir.symlink_to(moved, target_is_directory=True)
+    with pytest.raises(DataError, match=rf"case {case_dir.name}: .* resolves to {re.escape(str(moved.resolve()))}/"):
+        find_brats_cases(raw_root)
+
+
+@pytest.mark.parametrize("value", [0, 120])
+def test_a_constant_modality_is_named(raw_root: Path, value: int) -> None:
+    path = brats_file(_case_dir(raw_root, 1), "t1n")
+    data, affine = _read(path)
+    _rewrite(path, np.full_like(data, value), affine)
+    _load_expecting_error(raw_root, 1, path, rf"image is constant \(all voxels = {float(value)}\)")

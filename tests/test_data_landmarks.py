@@ -87,6 +87,21 @@ def test_unreadable_json_and_missing_points_file_name_the_case(tmp_path: Path) -
         find_landmark_cases(tmp_path / "root")
 
 
+@pytest.mark.parametrize("linked", ["landmarks/c1.json", "images/c1.nii.gz"])
+def test_a_file_symlinked_outside_the_root_is_refused(tmp_path: Path, linked: str) -> None:
+    root = tmp_path / "root"
+    _case(root, "c1", {"A1": [2, 2, 3], "B2": [4, 4, 6]})
+    path = root / linked
+    outside = tmp_path / "elsewhere" / path.name
+    outside.parent.mkdir()
+    path.rename(outside)
+    path.symlink_to(outside)
+    with pytest.raises(DataError) as raised:
+        find_landmark_cases(root)
+    assert str(raised.value) == (f"case c1: {path} resolves to {outside.resolve()}, "
+                                 f"outside the dataset root {root.resolve()}")
+
+
 def test_point_outside_the_volume_names_case_and_point_and_keeps_earlier_output(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     _case(raw, "good", {"A1": [2, 2, 3], "B2": [10, 10, 10]})

@@ -14,7 +14,8 @@ from nnmamba.data.readers.dataset_json import read_dataset_json
 from nnmamba.data.errors import DataError
 from nnmamba.data.layouts import get_layout
 from nnmamba.data.readers.nnunet import read_nnunet_dataset
-from nnmamba.data.preprocessing.preprocess import load_case
+from nnmamba.data.preprocessing.fingerprint import dataset_fingerprint
+from nnmamba.data.preprocessing.preprocess import load_case, prepare_dataset
 from nnmamba.data.synthetic.nnunet import NNUNET_CLASSES, write_synthetic_nnunet
 
 FOV = (96.0, 80.0, 78.0)
@@ -165,3 +166,60 @@ def test_label_geometry_and_values_are_validated_per_case(nrrd_root: Path, tmp_p
     case.images["MR"].write_bytes(b"not an image")
     with pytest.raises(DataError, match="case case_000: cannot read .*case_000_0001.nrrd"):
         load_case(case, dataset.labels)
+
+
+def _move_outside_and_link(path: Path, outside: Path) -> Path:
+    """Move ``path`` to ``outside`` (a readable file beyond the root) and leave a symlink to it in its place."""
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(outside)
+    path.symlink_to(outside)
+    return outside
+
+
+@pytest.mark.parametrize("linked", ["imagesTr/case_001_0001.nrrd", "labelsTr/case_001.nrrd"])
+def test_a_file_symlinked_outside_the_root_is_refused(nrrd_root: Path, tmp_path: Path, linked: str) -> None:
+    root = _copy(nrrd_root, tmp_path)
+    target = _move_outside_and_link(root / linked, tmp_path / "elsewhere" / "other.nrrd")
+    with pytest.raises(DataError) as raised:
+        read_nnunet_dataset(root)
+    assert str(raised.value) == (f"case case_001: {root / linked} resolves to {target.resolve()}, "
+                                 f"outside the dataset root {root.resolve()}")
+
+
+def test_a_file_ending_that_matches_no_file_names_the_ending_found(nrrd_root: Path, tmp_path: Path) -> None:
+    root = _copy(nrrd_root, tmp_path)
+    content = json.loads((root / "dataset.json").read_text())
+    _write_json(root, {**content, "file_ending": ".nii.gz"})
+    with pytest.raises(DataError) as raised:
+        read_nnunet_dataset(root)
+    assert str(raised.value) == (f"{root / 'dataset.json'}: file_ending '.nii.gz' matches no file in imagesTr, "
+                                 "which holds 6 '.nrrd' files: set file_ending to '.nrrd'")
+
+
+def _make_constant(path: Path, value: float) -> None:
+    image = sitk.ReadImage(str(path))
+    constant = sitk.GetImageFromArray(np.full_like(sitk.GetArrayFromImage(image), value))
+    constant.CopyInformation(image)
+    sitk.WriteImage(constant, str(path))
+
+
+# All channels zero (once a raw numpy traceback in the fingerprint's crop), and a constant CT
+# channel (once silently taken: CT is normalised with the dataset's statistics, not its own).
+@pytest.mark.parametrize(("files", "value"), [(("case_001_0000.nrrd", "case_001_0001.nrrd"), 0.0),
+                                              (("case_001_0000.nrrd",), -1000.0)])
+def test_a_constant_image_is_refused_by_fingerprint_and_prepare(nrrd_root: Path, tmp_path: Path,
+                                                                  files: tuple[str, ...], value: float) -> None:
+    root = _copy(nrrd_root, tmp_path)
+    for name in files:
+        _make_constant(root / "imagesTr" / name, value)
+    dataset = read_nnunet_dataset(root)
+    expected = (f"case case_001: {root / 'imagesTr' / files[0]}: image is constant (all voxels = {value}): "
+                "nothing to crop or normalise")
+    with pytest.raises(DataError) as raised:
+        dataset_fingerprint(dataset.cases, dataset.labels, dataset.channels, progress=False)
+    assert str(raised.value) == expected
+    out_dir = tmp_path / "prepared" / "nnunet"
+    with pytest.raises(DataError) as raised:
+        prepare_dataset(dataset.cases, out_dir, dataset.labels, crop_margin=1, progress=False)
+    assert str(raised.value) == expected
+    assert list(out_dir.parent.iterdir()) == []  # nothing written, no staging directory left

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+import torchio as tio
 
 from nnmamba.data.readers.brats import BRATS_LABELS, BRATS_MODALITIES, brats_file, find_brats_cases
 from nnmamba.data.cases import CaseFiles
@@ -180,12 +181,22 @@ def test_failing_case_leaves_previous_output_byte_identical(raw_root: Path, tmp_
     assert list(fresh.parent.iterdir()) == []
 
 
-def test_all_zero_case_is_rejected(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", [0, 7])
+def test_a_constant_image_file_is_refused_on_loading(tmp_path: Path, value: int) -> None:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
     images = {}
-    for modality in BRATS_MODALITIES:
-        images[modality] = tmp_path / f"zero-{modality}.nii.gz"
-        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), affine), images[modality])
-    subject = load_case(CaseFiles("zero", images, None), BRATS_LABELS)
+    for index, modality in enumerate(BRATS_MODALITIES):
+        images[modality] = tmp_path / f"case-{modality}.nii.gz"
+        data = np.full((8, 8, 8), value, np.int16) if index == 1 else np.arange(512, dtype=np.int16).reshape(8, 8, 8)
+        nib.save(nib.Nifti1Image(data, affine), images[modality])
+    with pytest.raises(DataError) as raised:
+        load_case(CaseFiles("case", images, None), BRATS_LABELS)
+    assert str(raised.value) == (f"case case: {images['t1n']}: image is constant (all voxels = {float(value)}): "
+                                 "nothing to crop or normalise")
+
+
+def test_an_all_zero_subject_is_rejected() -> None:
+    """preprocess_subject takes any subject, not only load_case's, so it keeps its own guard."""
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.zeros(2, 8, 8, 8), affine=np.eye(4)), case_id="zero")
     with pytest.raises(DataError, match="case zero: every voxel"):
         preprocess_subject(subject, MARGIN)

@@ -28,6 +28,10 @@ class CaseFiles:
     label: Path | None
     subset: str | None = field(default=None, kw_only=True)
 
+    def files(self) -> list[Path]:
+        """Every file of the case (images, then the label), e.g. to check they lie inside the dataset root."""
+        return [*self.images.values(), *([self.label] if self.label is not None else [])]
+
 
 @dataclass(frozen=True)
 class RawDataset:

@@ -47,7 +47,8 @@ def load_case(case: CaseFiles, label_values: Collection[int] | None) -> tio.Subj
     """Read and validate one case into a subject with ``image`` (C channels) and ``label``.
 
     Channel order is the order of ``case.images``. ``label_values`` lists the
-    allowed label values (``None`` allows any integer).
+    allowed label values (``None`` allows any integer). Every image file must be
+    finite and not constant (``check_finite``, ``_check_not_constant``).
     """
     if not case.images:
         raise DataError(f"case {case.case_id}: no image files given")
@@ -115,11 +116,26 @@ def check_finite(case_id: str, path: Path, image: tio.Image) -> tio.Image:
     return image
 
 
+def _check_not_constant(case_id: str, path: Path, image: tio.Image) -> tio.Image:
+    """``image`` unchanged, or a DataError naming ``path`` if every voxel has the same value.
+
+    Refused on loading, not where it would fail later: an all-zero image leaves the nonzero
+    crop an empty box (numpy's "zero-size array to reduction" deep in the fingerprint), and a
+    constant one has no standard deviation to z-score with, or nothing to learn from at all.
+    (A file with no voxels never gets here: both readers refuse it.)
+    """
+    low, high = image.data.min().item(), image.data.max().item()
+    if low == high:
+        raise DataError(f"case {case_id}: {path}: image is constant (all voxels = {float(low)}): "
+                        "nothing to crop or normalise")
+    return image
+
+
 def _read_single_channel(case_id: str, path: Path) -> tio.ScalarImage:
     image = read_image(case_id, path, tio.ScalarImage)
     if image.num_channels != 1:
         raise DataError(f"case {case_id}: {path} has {image.num_channels} channels, expected 1")
-    return check_finite(case_id, path, image)
+    return _check_not_constant(case_id, path, check_finite(case_id, path, image))
 
 
 def _read_label(case_id: str, path: Path, label_values: Collection[int] | None) -> tio.LabelMap:

@@ -4,8 +4,10 @@ The manifest (``<root>/manifest.csv``, or ``root`` itself when it is a CSV file)
 scan with columns ``subject``, ``image`` (a path relative to the manifest) and ``diagnosis``
 (NC, AD, sMCI or pMCI), and optionally ``visit`` (e.g. bl, m12) when a subject has several
 scans. A case is one row; its id is ``<subject>_<visit>`` (or the subject alone without a visit).
-Only the manifest and the existence of the files are checked here; the volumes' contents are
-validated when preprocessing loads them. Every error names the manifest line.
+The dataset root is the manifest's folder: an image path that resolves outside it (``..``, an
+absolute path, a symlink) is refused. Only the manifest and the existence of the files are
+checked here; the volumes' contents are validated when preprocessing loads them. Every error
+names the manifest line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from nnmamba.data.cases import ClassifiedCase
 from nnmamba.data.errors import DataError
+from nnmamba.data.readers.paths import check_inside_root
 
 ADNI_DIAGNOSES = ("NC", "AD", "sMCI", "pMCI")
 ADNI_LABELS = dict(enumerate(ADNI_DIAGNOSES))
@@ -38,8 +41,8 @@ def find_adni_cases(root: Path) -> list[ClassifiedCase]:
     """Every manifest row as a case, sorted by case id.
 
     Raises DataError for a missing or empty manifest, missing columns, an empty cell, an
-    unknown diagnosis, an image file that does not exist, or two rows with the same case id
-    or the same image.
+    unknown diagnosis, an image file that does not exist or resolves outside the manifest's
+    folder, or two rows with the same case id or the same image.
     """
     path = manifest_path(root)
     if not path.is_file():
@@ -77,6 +80,8 @@ def _read_row(path: Path, line: int, row: dict[str, str | None]) -> ClassifiedCa
     if values["diagnosis"] not in ADNI_DIAGNOSES:
         raise DataError(f"{where}: unknown diagnosis {values['diagnosis']!r}; expected one of {list(ADNI_DIAGNOSES)}")
     image = path.parent / values["image"]
+    # Containment before existence: a path outside the root is refused without probing it.
+    check_inside_root([image], path.parent, where)
     if not image.is_file():
         raise DataError(f"{where}: image {values['image']} not found (looked for {image})")
     return ClassifiedCase(

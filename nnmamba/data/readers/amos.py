@@ -17,6 +17,7 @@ from nnmamba.data.cases import CaseFiles, RawDataset
 from nnmamba.data.readers.dataset_json import read_dataset_json
 from nnmamba.data.errors import DataError
 from nnmamba.data.readers.nnunet import SUBSET_OF_FOLDER, image_files, label_file
+from nnmamba.data.readers.paths import check_inside_root
 
 AMOS_MR_FIRST_ID = 500
 AMOS_MODALITIES = ("CT", "MR")
@@ -39,7 +40,8 @@ def read_amos_dataset(
 
     The channel is named after the modality, which selects the normalisation (CT:
     clip + dataset z-score; MR: per-image z-score). Raises DataError for a missing
-    modality choice, folder or label, a file not named ``amos_XXXX.nii.gz``, or no case.
+    modality choice, folder or label, a file not named ``amos_XXXX.nii.gz``, a file resolving
+    outside ``root``, or no case.
     """
     root = Path(root)
     if modality is None or modality.upper() not in AMOS_MODALITIES:
@@ -55,7 +57,9 @@ def read_amos_dataset(
                 raise DataError(f"{path}: AMOS image files are named amos_XXXX{AMOS_FILE_ENDING}")
             if amos_modality(case_id) == modality:
                 label = label_file(root, folder, case_id, AMOS_FILE_ENDING)
-                cases.append(CaseFiles(case_id, {modality: path}, label, subset=SUBSET_OF_FOLDER[folder]))
+                case = CaseFiles(case_id, {modality: path}, label, subset=SUBSET_OF_FOLDER[folder])
+                check_inside_root(case.files(), root, f"case {case_id}")
+                cases.append(case)
     if not cases:
         raise DataError(f"AMOS dataset {root}: no {modality} cases in {list(subsets)}")
     return RawDataset(cases, description.labels, (modality,))

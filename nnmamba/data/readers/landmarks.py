@@ -28,6 +28,7 @@ import numpy as np
 
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
+from nnmamba.data.readers.paths import check_inside_root
 
 LANDMARK_NAMES = ("TCD1", "TCD2", "HDV1", "HDV2", "ADV1", "ADV2")
 LANDMARK_CHANNELS = ("image",)
@@ -44,12 +45,17 @@ class LandmarkCaseFiles(CaseFiles):
 
     points: Path
 
+    def files(self) -> list[Path]:
+        """The image(s) and the points JSON."""
+        return [*super().files(), self.points]
+
 
 def find_landmark_cases(root: Path) -> list[LandmarkCaseFiles]:
     """Every case under ``root`` (an image in images/ with its JSON in landmarks/), sorted by case id.
 
-    Only the layout is checked here; the points are validated against their image by
-    ``read_landmarks`` and ``check_inside`` when the case is prepared.
+    Only the layout is checked here (which files exist, all inside ``root`` even through symlinks);
+    the points are validated against their image by ``read_landmarks`` and ``check_inside`` when
+    the case is prepared.
     """
     root = Path(root)
     images_dir = root / IMAGES_DIR
@@ -64,7 +70,9 @@ def find_landmark_cases(root: Path) -> list[LandmarkCaseFiles]:
         points = root / POINTS_DIR / f"{case_id}{POINTS_SUFFIX}"
         if not points.is_file():
             raise DataError(f"case {case_id}: landmarks file missing, expected {points}")
-        cases.append(LandmarkCaseFiles(case_id=case_id, images={LANDMARK_CHANNELS[0]: image}, label=None, points=points))
+        case = LandmarkCaseFiles(case_id=case_id, images={LANDMARK_CHANNELS[0]: image}, label=None, points=points)
+        check_inside_root(case.files(), root, f"case {case_id}")
+        cases.append(case)
     return cases
 
 

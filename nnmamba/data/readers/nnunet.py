@@ -4,26 +4,31 @@
 channel, in ``channel_names`` order), ``labelsTr/<case><ending>``, and optionally
 ``imagesTs/`` (+ ``labelsTs/``). ``<ending>`` is the dataset's ``file_ending``: any
 format ITK reads (.nii.gz, .nii, .nrrd, .mha, ...). Like the BraTS reader, only the
-layout is checked here (which files exist); contents are validated on loading.
+layout is checked here (which files exist, all inside the root even through symlinks);
+contents are validated on loading.
 `nnmamba.predict` reads its inputs' channel files with the same parser and grouping.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 
 from nnmamba.data.cases import CaseFiles, RawDataset
-from nnmamba.data.readers.dataset_json import DatasetDescription, read_dataset_json
+from nnmamba.data.readers.dataset_json import DATASET_JSON, DatasetDescription, read_dataset_json
 from nnmamba.data.errors import DataError
+from nnmamba.data.readers.paths import check_inside_root
 
 # Image folder -> the split the dataset assigns its cases to. Cases of training and
 # validation folders must be labelled; test cases are labelled only where a labels
 # folder exists (e.g. a challenge's released test labels).
 SUBSET_OF_FOLDER = {"imagesTr": "train", "imagesVa": "val", "imagesTs": "test"}
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# The ending of a file named like a channel file, whatever its format: "case_000_0000.nii.gz" -> ".nii.gz".
+CHANNEL_FILE_ENDING = re.compile(r"_\d{4}(?P<ending>\.[^_]+)$")
 
 
 def read_nnunet_dataset(root: Path, subsets: Sequence[str] = ("imagesTr",)) -> RawDataset:
@@ -31,13 +36,16 @@ def read_nnunet_dataset(root: Path, subsets: Sequence[str] = ("imagesTr",)) -> R
 
     Raises DataError for a missing dataset.json or folder, a file not named
     ``<case>_XXXX<ending>``, a case missing a channel file, a training case
-    missing its label, or no case at all.
+    missing its label, a file resolving outside ``root``, a folder whose files all
+    have another ending than dataset.json's ``file_ending``, or no case at all.
     """
     root = Path(root)
     description = read_dataset_json(root)
     cases = []
     for folder in subsets:
         files = image_files(root, folder, description.file_ending)
+        if not files:
+            _check_file_ending(root, folder, description.file_ending)
         grouped = group_by_case(files, partial(_channel_of, description=description))
         cases += [_case(root, folder, case_id, channel_files, description)
                   for case_id, channel_files in grouped.items()]
@@ -54,6 +62,20 @@ def image_files(root: Path, folder: str, file_ending: str) -> list[Path]:
     if not directory.is_dir():
         raise DataError(f"{directory} does not exist or is not a directory")
     return sorted(p for p in directory.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
+
+
+def _check_file_ending(root: Path, folder: str, file_ending: str) -> None:
+    """DataError if ``folder`` holds channel files of other endings only: dataset.json's file_ending is wrong.
+
+    Without this, a .nrrd dataset declared as .nii.gz surfaces only as "no cases", which
+    does not say that one key of dataset.json is the fault.
+    """
+    endings = Counter(match["ending"] for path in (Path(root) / folder).iterdir()
+                      if not path.name.startswith(".") and (match := CHANNEL_FILE_ENDING.search(path.name)))
+    if endings:
+        held = ", ".join(f"{count} {ending!r}" for ending, count in endings.most_common())
+        raise DataError(f"{Path(root) / DATASET_JSON}: file_ending {file_ending!r} matches no file in {folder}, "
+                        f"which holds {held} files: set file_ending to {endings.most_common(1)[0][0]!r}")
 
 
 def label_file(root: Path, folder: str, case_id: str, file_ending: str) -> Path | None:
@@ -120,4 +142,6 @@ def _case(root: Path, folder: str, case_id: str, channel_files: dict[int, Path],
     images = channel_images(case_id, channel_files, description.channels, Path(root) / folder,
                             description.file_ending)
     label = label_file(root, folder, case_id, description.file_ending)
-    return CaseFiles(case_id=case_id, images=images, label=label, subset=SUBSET_OF_FOLDER[folder])
+    case = CaseFiles(case_id=case_id, images=images, label=label, subset=SUBSET_OF_FOLDER[folder])
+    check_inside_root(case.files(), root, f"case {case_id}")
+    return case
