@@ -90,7 +90,16 @@ class StudyRuns:
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{self.study}-ablation-{self.digest}")
             run_id = run.info.run_id
             self._log_params(run_id, params)
+        else:  # a re-run of the stage: open again until this run ends
+            self.client.update_run(run_id, status="RUNNING")
         return run_id
+
+    def end(self, run_id: str, error: BaseException | None = None) -> None:
+        """Close a run: FINISHED, or FAILED with the error's first line as its `failure` tag."""
+        if error is not None:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.client.set_tag(run_id, "failure", f"{type(error).__name__}: {reason}"[:5000])
+        self.client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
 
     def child(self, parent_id: str, backbone: str, variant: str, seed: int, fold: int | None,
               params: Mapping[str, str]) -> str:

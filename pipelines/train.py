@@ -229,9 +229,6 @@ class MLflowTrialCallback(ray.tune.Callback):
             self.runs.log_metrics(self.run_ids[trial.trial_id], metrics, step=int(metrics["epoch"]))
             self.log_seconds.append(time.perf_counter() - started)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.runs.client.set_terminated(self.run_ids[trial.trial_id], "FINISHED")
-
     def on_trial_error(self, iteration, trials, trial, **info):
         self.runs.client.set_terminated(self.run_ids[trial.trial_id], "FAILED")
 
@@ -287,6 +284,19 @@ def train(name: str) -> list[dict]:
     params = {**flatten({"train": study.train.model_dump(mode="json", exclude_none=True),
                          "model": study.model.kwargs()}), "git_commit": git_commit()}
     parent_id = runs.parent(params)
+    try:
+        rows = train_grid(study, trials, runs, parent_id, params)
+    except BaseException as error:
+        runs.end(parent_id, error)
+        raise
+    runs.end(parent_id)
+    return rows
+
+
+def train_grid(study: StudySpec, trials: list[TrialSpec], runs: StudyRuns, parent_id: str, params: dict) -> list[dict]:
+    """The Tune grid of the study's trials, then each trial's export; a child run is FINISHED once
+    its model is exported and logged."""
+    name, digest, storage = study.name, trials[0].digest, trials[0].storage_path
     connect_ray(study.ray)
 
     mlflow_callback = MLflowTrialCallback(runs, parent_id, params)
@@ -321,6 +331,7 @@ def train(name: str) -> list[dict]:
         if registered and trial.backbone == NNMAMBA:
             registered += f"-{trial.variant}"
         rows.append(export_trial(result, trial, models_dir / trial.name, children[trial.name], registered))
+        runs.end(children[trial.name])
     workspace.write_json(workspace.path(workspace.TRIALS, study=name),
                          {"parent_run_id": parent_id, "config_hash": digest, "trials": rows})
     write_curves(runs, rows, get_task(study.task).selection_metric,

@@ -56,6 +56,9 @@ def test_mlflow_holds_the_ablation(repro):
     root, _ = repro
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     parent, children = ablation_runs(client, "nnmamba-seg-brats2023", VARIANTS, SEEDS)
+    # Closed by the stages: no run of a finished study is left RUNNING.
+    assert parent.info.status == "FINISHED" and "failure" not in parent.data.tags
+    assert {child.info.status for child in children} == {"FINISHED"}
     for child in children:
         tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
         assert tags["mlflow.parentRunId"] == parent.info.run_id
