@@ -180,6 +180,8 @@ def main() -> None:
         if args.stages and name not in args.stages:
             continue
         seconds, code = run_stage(name, command, log)
+        # Samples are written after every stage: a run cut short keeps them.
+        result.payload |= {"gpu_samples": sampler.samples}
         result.payload["stages"][name] = {"seconds": seconds, "exit_code": code}
         result.write()
         if code:
@@ -187,7 +189,6 @@ def main() -> None:
             break
     result.payload["wall_s"] = time.perf_counter() - started
     sampler.stopped.set()
-    result.payload["gpu_samples"] = sampler.samples
     if (ROOT / "models" / args.study / "trials.json").is_file():
         result.payload |= summarise(args.study, study.train.steps_per_epoch,
                                     graph_step_ms(args.speed, args.shape), sampler, log)
