@@ -26,7 +26,7 @@ from _common import ResultFile
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("synthesize", "prepare", "split", "train", "evaluate")
-TIMING_KEYS = ("epoch_time_s", "train_time_s", "val_time_s", "setup_time_s", "trial_start_to_train_s")
+TIMING_KEYS = ("epoch_time_s", "train_time_s", "loader_wait_s", "val_time_s", "setup_time_s", "trial_start_to_train_s")
 
 
 class GpuSampler(threading.Thread):
@@ -136,9 +136,12 @@ def summarise(study: str, steps_per_epoch: int, graph_ms: dict[str, float], samp
             if epoch["epoch"] > 1:
                 later_windows.append(windows[-1])
         if variant in graph_ms:
-            later = [e["train_time_s"] for e in epochs[1:]] or [epochs[0]["train_time_s"]]
+            timed = epochs[1:] or epochs[:1]
+            later = [e["train_time_s"] for e in timed]
             ratios[name] = {"graph_step_ms": graph_ms[variant],
                             "train_steps_s_after_first_epoch": later,
+                            "loader_wait_share": [e.get("loader_wait_s", float("nan")) / e["train_time_s"]
+                                                  for e in timed],
                             "ratio_to_graph_steps": [t / (steps_per_epoch * graph_ms[variant] / 1e3) for t in later]}
     numbers = log_numbers(log)
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 
@@ -85,6 +86,26 @@ def repeat_batches(loader: Iterable) -> Iterator:
     """Cycle a finite loader forever, so an epoch is a fixed number of steps (nnU-Net style)."""
     while True:
         yield from loader
+
+
+class WaitTimedBatches(Iterator):
+    """Batches from `batches`, adding up the seconds the consumer waited for them: the loader's share
+    of an epoch, which the GPU spends idle once the queued step is done."""
+
+    def __init__(self, batches: Iterator):
+        self.batches, self.waited_s = batches, 0.0
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited_s += time.perf_counter() - started
+
+    def take_waited_s(self) -> float:
+        """Seconds waited since the last call."""
+        waited, self.waited_s = self.waited_s, 0.0
+        return waited
 
 
 @contextlib.contextmanager

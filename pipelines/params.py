@@ -65,6 +65,7 @@ class PrepareSpec(Spec):
     image_interpolation: Literal["linear", "bspline"]
     fingerprint_samples_per_case: int
     fingerprint_seed: int
+    workers: int = 1                            # segmentation: processes preprocessing cases side by side
     spacing: tuple[float, float, float] | None = None   # landmark and classification studies
     shape: tuple[int, int, int] | None = None           # classification: crop or pad to this
 

@@ -207,7 +207,7 @@ class MLflowTrialCallback(ray.tune.Callback):
     when a trial or the whole stage restarts, hence this small callback.
     """
 
-    LOGGED = ("epoch", "train_loss", "epoch_time_s", "train_time_s", "val_time_s", "setup_time_s",
+    LOGGED = ("epoch", "train_loss", "epoch_time_s", "train_time_s", "loader_wait_s", "val_time_s", "setup_time_s",
               "trial_start_to_train_s", "lr")
 
     def __init__(self, runs: StudyRuns, parent_id: str, params: dict[str, str]):

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from nnmamba.checkpoint import load_bundle, model_from_arch
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON
 from nnmamba.engine import (DDP_OPTIONS, CapturedTrainStep, amp_dtype, build_optimizer, build_schedule,
-                            capture_ready_stream, repeat_batches, train_epoch)
+                            WaitTimedBatches, capture_ready_stream, repeat_batches, train_epoch)
 from pipelines.params import TrialSpec
 from pipelines.tasks import Task, get_task
 
@@ -134,13 +134,14 @@ def train_loop(config: dict) -> None:
     loader = task.train_loader(trial.study, dataset_dir, index, list(trial.train_cases),
                                seed=trial.seed * 1_000 + start_epoch, rank=rank, world_size=world,
                                pin_memory=device.type == "cuda")
-    batches = repeat_batches(loader)
+    batches = WaitTimedBatches(repeat_batches(loader))
     loss_fn = task.loss(train)
     captured = CapturedTrainStep(model, loss_fn, optimizer, dtype) if graphed else None
     metric, mode = task.selection(bool(trial.val_cases))
     better = max if mode == "max" else min
-    # Where a trial's time goes: worker start-up (first epoch after each start only), the train steps,
-    # the validation, the whole epoch; and wall-clock from the trial's start to its first step.
+    # Where a trial's time goes: worker start-up (first epoch after each start only), the train steps
+    # and the part of them spent waiting for the loader, the validation, the whole epoch; and
+    # wall-clock from the trial's start to its first step.
     timing = {"setup_time_s": time.perf_counter() - entered,
               "trial_start_to_train_s": time.time() - config["trial_started_at"]}
     for epoch in range(start_epoch, train.epochs):
@@ -148,6 +149,7 @@ def train_loop(config: dict) -> None:
         loss = train_epoch(model, batches, loss_fn, optimizer, train.steps_per_epoch, device, dtype,
                            train.channels_last, captured)
         timing["train_time_s"] = time.perf_counter() - started
+        timing["loader_wait_s"] = batches.take_waited_s()
         due = not val_metrics or (epoch + 1) % train.val_every == 0 or epoch + 1 == train.epochs
         if trial.val_cases and due:
             val_metrics = _validate(task, bare, trial, device, dtype)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import time
+from itertools import islice
 
 import pytest
 import torch
 from torch import nn
 
-from nnmamba.engine import build_optimizer, build_schedule, train_epoch
+from nnmamba.engine import WaitTimedBatches, build_optimizer, build_schedule, train_epoch
 
 
 def _batches(count: int, nan_at: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -127,3 +129,18 @@ def test_a_scheduled_rate_reaches_a_replayed_cuda_graph(name: str) -> None:
             schedule.step()
     for trained, reference in zip(graphed_model.parameters(), eager_model.parameters(), strict=True):
         torch.testing.assert_close(trained, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_wait_timed_batches_count_the_time_spent_waiting_for_each_batch() -> None:
+    def slow(n: int):
+        for index in range(n):
+            time.sleep(0.02)
+            yield index
+
+    batches = WaitTimedBatches(slow(5))
+    assert list(islice(batches, 3)) == [0, 1, 2]
+    first = batches.take_waited_s()
+    assert 0.06 <= first < 1.0
+    assert batches.take_waited_s() == 0.0   # taken once
+    assert list(batches) == [3, 4]
+    assert batches.take_waited_s() >= 0.04

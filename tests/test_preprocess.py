@@ -16,6 +16,7 @@ import torchio as tio
 from nnmamba.data.readers.brats import BRATS_LABELS, BRATS_MODALITIES, brats_file, find_brats_cases
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
+from nnmamba.data.preprocessing.fingerprint import dataset_fingerprint
 from nnmamba.data.preprocessing.preprocess import (
     load_case,
     load_preprocessed,
@@ -200,3 +201,28 @@ def test_an_all_zero_subject_is_rejected() -> None:
     subject = tio.Subject(image=tio.ScalarImage(tensor=torch.zeros(2, 8, 8, 8), affine=np.eye(4)), case_id="zero")
     with pytest.raises(DataError, match="case zero: every voxel"):
         preprocess_subject(subject, MARGIN)
+
+
+def test_cases_prepared_in_processes_give_the_same_files_and_errors(raw_root: Path, prepared: tuple[Path, dict],
+                                                                   tmp_path: Path) -> None:
+    serial_dir, serial = prepared
+    parallel_dir = tmp_path / "parallel" / "brats"
+    parallel = prepare_dataset(find_brats_cases(raw_root), parallel_dir, BRATS_LABELS, MARGIN, progress=False,
+                               workers=2)
+    assert parallel == serial
+    assert _snapshot(parallel_dir) == _snapshot(serial_dir)
+    labels = dict(BRATS_LABELS)
+    cases = find_brats_cases(raw_root)
+    channels = list(cases[0].images)
+    assert dataset_fingerprint(cases, labels, channels, progress=False, workers=2) == dataset_fingerprint(
+        cases, labels, channels, progress=False)
+
+    broken = tmp_path / "raw"
+    write_synthetic_brats(broken, n_cases=3, shape=SHAPE, seed=11)
+    middle = find_brats_cases(broken)[1]
+    bad = brats_file(broken / middle.case_id, "t1n")
+    bad.write_bytes(bad.read_bytes()[:100])
+    before = _snapshot(parallel_dir)
+    with pytest.raises(DataError, match=middle.case_id):
+        prepare_dataset(find_brats_cases(broken), parallel_dir, BRATS_LABELS, MARGIN, progress=False, workers=2)
+    assert _snapshot(parallel_dir) == before

@@ -61,7 +61,8 @@ def plan_study(study: StudySpec, raw: RawDataset) -> tuple[dict, dict]:
     """The fingerprint of the raw dataset and the plan derived from it."""
     prepare = study.prepare
     fingerprint = dataset_fingerprint(raw.cases, raw.labels, raw.channels,
-                                      prepare.fingerprint_samples_per_case, prepare.fingerprint_seed)
+                                      prepare.fingerprint_samples_per_case, prepare.fingerprint_seed,
+                                      workers=prepare.workers)
     memory = largest_training_memory(study, len(raw.channels), len(raw.labels))
     plan = make_plan(fingerprint, study.plan, memory, prepare.crop_margin, prepare.image_interpolation)
     return fingerprint, plan
@@ -74,7 +75,8 @@ def prepare(study: StudySpec, raw: RawDataset, out_dir: Path) -> dict:
           f"batch {plan['batch_size']}, normalisation {[n['scheme'] for n in plan['normalization']]}")
     return prepare_dataset(raw.cases, out_dir, label_values=raw.labels, crop_margin=study.prepare.crop_margin,
                            preprocessing=Preprocessing.from_plan(plan),
-                           metadata={workspace.FINGERPRINT_FILE: fingerprint, workspace.PLAN_FILE: plan})
+                           metadata={workspace.FINGERPRINT_FILE: fingerprint, workspace.PLAN_FILE: plan},
+                           workers=study.prepare.workers)
 
 
 def split(study: StudySpec, index: dict) -> dict[str, list[str]]:

@@ -16,14 +16,15 @@ enter the CT clipping range, as nnU-Net's validation folds enter its fingerprint
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import torch
 import torchio as tio
-from tqdm import tqdm
 
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
+from nnmamba.data.parallel import map_cases
 from nnmamba.data.preprocessing.preprocess import bounding_box, load_case, nonzero_mask
 
 PERCENTILES = {"percentile_00_5": 0.5, "percentile_99_5": 99.5}
@@ -58,20 +59,26 @@ def dataset_fingerprint(
     samples_per_case: int = 10_000,
     seed: int = 0,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """The JSON-serialisable fingerprint of the labelled cases (unlabelled ones are skipped).
 
     Every labelled case is loaded and validated (``load_case``), so bad input stops here with
-    a DataError naming the case, before anything is written.
+    a DataError naming the case, before anything is written. Each case draws its intensity
+    samples from its own index's generator, so ``workers`` processes give the same fingerprint.
     """
     labelled = [case for case in cases if case.label is not None]
     if not labelled:
         raise DataError("no labelled cases to fingerprint: the dataset is empty or has no labels")
-    per_case = {}
-    for index, case in enumerate(tqdm(labelled, desc="fingerprint", unit="case", disable=not progress)):
-        rng = np.random.default_rng([seed, index])
-        per_case[case.case_id] = case_fingerprint(load_case(case, labels), samples_per_case, rng)
+    measure = partial(_indexed_fingerprint, labels, samples_per_case, seed)
+    results = map_cases(measure, list(enumerate(labelled)), workers, desc="fingerprint", progress=progress)
+    per_case = {case.case_id: result for case, result in zip(labelled, results)}
     return _summarise(per_case, labels, channels)
+
+
+def _indexed_fingerprint(labels: Mapping[int, str], samples: int, seed: int, item: tuple[int, CaseFiles]) -> dict:
+    index, case = item
+    return case_fingerprint(load_case(case, labels), samples, np.random.default_rng([seed, index]))
 
 
 def _summarise(per_case: dict[str, dict], labels: Mapping[int, str], channels: Sequence[str]) -> dict:

@@ -16,6 +16,7 @@ import os
 import shutil
 import uuid
 import warnings
+from functools import partial
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
+from nnmamba.data.parallel import map_cases
 from nnmamba.data.preprocessing.plan import ChannelNormalization, Preprocessing
 
 # Two files of one case count as the same grid when their affines agree to this
@@ -304,6 +306,7 @@ def prepare_dataset(
     progress: bool = True,
     preprocessing: Preprocessing | None = None,
     metadata: Mapping[str, dict] | None = None,
+    workers: int = 1,
 ) -> dict:
     """Preprocess every case into ``out_dir`` (images/, labels/, dataset.json), atomically.
 
@@ -313,17 +316,20 @@ def prepare_dataset(
     a mapping value -> name (e.g. BRATS_LABELS) to name the labels in dataset.json.
     ``preprocessing`` is the plan's (default: BraTS's head-mask z-score, see
     ``preprocess_subject``); ``metadata`` maps further JSON file names (the
-    fingerprint and plan) to their content, written in the same atomic swap.
+    fingerprint and plan) to their content, written in the same atomic swap. ``workers``
+    processes preprocess cases side by side; the files are the same for any count.
     Returns the dataset.json content.
     """
     channels = _common_channels(cases)
     with staged_directory(Path(out_dir)) as staging:
         (staging / "images").mkdir()
         (staging / "labels").mkdir()
+        prepare = partial(_prepare_case, staging=staging, label_values=label_values, crop_margin=crop_margin,
+                          preprocessing=preprocessing)
         entries, seen_labels = {}, set()
-        for case in tqdm(cases, desc="prepare", unit="case", disable=not progress):
-            entries[case.case_id] = _prepare_case(case, staging, label_values, crop_margin, preprocessing,
-                                                  seen_labels)
+        for case, (entry, labels) in zip(cases, map_cases(prepare, cases, workers, desc="prepare", progress=progress)):
+            entries[case.case_id] = entry
+            seen_labels |= labels
         dataset = {"channels": channels, "labels": _label_names(label_values, seen_labels), "cases": entries}
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
         for name, content in (metadata or {}).items():
@@ -347,8 +353,10 @@ def _common_channels(cases: list[CaseFiles]) -> list[str]:
 
 def _prepare_case(
     case: CaseFiles, staging: Path, label_values: Collection[int] | None, crop_margin: int,
-    preprocessing: Preprocessing | None, seen_labels: set[int],
-) -> dict:
+    preprocessing: Preprocessing | None,
+) -> tuple[dict, set[int]]:
+    """Write one preprocessed case into the staging folder; its dataset.json entry and the label values it holds."""
+    seen_labels: set[int] = set()
     subject, properties = preprocess_subject(load_case(case, label_values), crop_margin, preprocessing)
     image_rel = f"images/{case.case_id}{IMAGE_SUFFIX}"
     subject["image"].save(staging / image_rel)
@@ -366,7 +374,7 @@ def _prepare_case(
         subject["label"].save(staging / label_rel)
         entry["label"] = label_rel
         entry["raw_label"] = str(Path(case.label).resolve())
-    return entry
+    return entry, seen_labels
 
 
 def _label_names(label_values: Collection[int] | None, seen_labels: set[int]) -> dict[str, str]:

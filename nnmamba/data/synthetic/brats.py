@@ -16,13 +16,13 @@ change when ``n_cases`` does.
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from nnmamba.data.parallel import map_cases
 from nnmamba.data.readers.brats import BRATS_SEG, brats_file
 from nnmamba.data.synthetic.orientation import centred_ras_affine, write_oriented_nifti
 
@@ -72,10 +72,7 @@ def write_synthetic_brats(
     every case depends on its own index alone, so the files are the same for any count.
     """
     write = partial(_write_synthetic_case, Path(root), tuple(shape), tuple(spacing), seed)
-    if workers <= 1:
-        return [write(index) for index in range(n_cases)]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(write, range(n_cases)))
+    return map_cases(write, range(n_cases), workers, desc="synthesize")
 
 
 def _write_synthetic_case(root: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float], seed: int,
