@@ -30,11 +30,13 @@ TIMING_KEYS = ("epoch_time_s", "train_time_s", "loader_wait_s", "val_time_s", "s
 
 
 class GpuSampler(threading.Thread):
-    """Utilisation and memory of GPU 0 once a second (NVML), with the host's wall clock."""
+    """Utilisation and memory of GPU 0 once a second (NVML), with the host's wall clock; each sample is
+    also appended to `csv` at once, so a run killed mid-stage keeps them."""
 
-    def __init__(self, period_s: float = 1.0):
+    def __init__(self, csv: Path, period_s: float = 1.0):
         super().__init__(daemon=True)
         self.samples: list[tuple[float, int, float]] = []
+        self.csv = csv
         self.stopped = threading.Event()
         self.period = period_s
         try:
@@ -47,10 +49,15 @@ class GpuSampler(threading.Thread):
             self.nvml = None
 
     def run(self) -> None:
-        while self.nvml and not self.stopped.wait(self.period):
-            rates = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
-            memory = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
-            self.samples.append((time.time(), int(rates.gpu), memory.used / 2**30))
+        if not self.nvml:
+            return
+        with self.csv.open("a", buffering=1) as sink:
+            sink.write("time_s,utilisation_percent,memory_used_gib\n")
+            while not self.stopped.wait(self.period):
+                rates = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+                memory = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+                self.samples.append((time.time(), int(rates.gpu), memory.used / 2**30))
+                sink.write("%.3f,%d,%.3f\n" % self.samples[-1])
 
     def busy_fraction(self, windows: list[tuple[float, float]]) -> float | None:
         """Mean utilisation (0-1) of the samples inside the windows, each shrunk by a second at both ends."""
@@ -164,6 +171,8 @@ def main() -> None:
     parser.add_argument("--shape", default="brats", help="model_speed shape matching the study's input")
     parser.add_argument("--stages", nargs="+", help="only these stage names (e.g. evaluate@brats2023)")
     parser.add_argument("--report", action="store_true", help="also run the report stage")
+    parser.add_argument("--samples", type=Path, help="gpu_samples.csv of an earlier call on this machine whose "
+                        "train stage is summarised here (that call was cut short)")
     args = parser.parse_args()
 
     set_profile(args.profile)
@@ -176,15 +185,15 @@ def main() -> None:
     log = args.out / "pipeline.log"
     result = ResultFile(args.out / "pipeline_gpu.json", {"benchmark": "pipeline_gpu", "profile": args.profile,
                                                          "study": args.study, "stages": {}})
-    sampler = GpuSampler()
+    sampler = GpuSampler(args.out / "gpu_samples.csv")
     sampler.start()
     started = time.perf_counter()
     for name, command in stage_commands(args.study, study.dataset.synthetic, args.report):
         if args.stages and name not in args.stages:
             continue
+        result.payload["stages"][name] = {"started_at": time.time()}   # a stage cut short still shows
+        result.write()
         seconds, code = run_stage(name, command, log)
-        # Samples are written after every stage: a run cut short keeps them.
-        result.payload |= {"gpu_samples": sampler.samples}
         result.payload["stages"][name] = {"seconds": seconds, "exit_code": code}
         result.write()
         if code:
@@ -192,6 +201,10 @@ def main() -> None:
             break
     result.payload["wall_s"] = time.perf_counter() - started
     sampler.stopped.set()
+    if args.samples:
+        lines = args.samples.read_text().splitlines()[1:]
+        sampler.samples = [(float(t), int(u), float(m)) for t, u, m in (line.split(",") for line in lines)] + sampler.samples
+    result.payload |= {"gpu_samples": sampler.samples}
     if (ROOT / "models" / args.study / "trials.json").is_file():
         result.payload |= summarise(args.study, study.train.steps_per_epoch,
                                     graph_step_ms(args.speed, args.shape), sampler, log)

@@ -210,3 +210,19 @@ def test_batches_from_workers_survive_the_workers_reusing_their_buffers(dataset:
         for image, location, case_id in zip(batch["image"], batch["location"], batch["case_id"]):
             i0, j0, k0, i1, j1, k1 = location.tolist()
             assert torch.equal(image, volumes[case_id][:, i0:i1, j0:j1, k0:k1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_endless_loader_deals_every_case_in_each_pass_from_one_iteration(dataset: dict, workers: int) -> None:
+    finite = _loader(dataset, num_workers=workers)
+    per_pass = len(finite)
+    endless = _loader(dataset, num_workers=workers, passes=None)
+    with pytest.raises(TypeError):
+        len(endless)
+    batches = iter(endless)
+    passes = [[next(batches) for _ in range(per_pass)] for _ in range(3)]
+    for drawn in passes:
+        counts = Counter(c for b in drawn for c in b["case_id"])
+        assert set(counts) == set(dataset["shapes"])   # the last group's top-up may repeat cases
+        assert sum(counts.values()) == sum(len(b["case_id"]) for b in _epoch(finite))
+    assert not torch.equal(passes[0][0]["image"], passes[1][0]["image"])  # each pass is drawn afresh

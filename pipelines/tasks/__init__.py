@@ -49,7 +49,8 @@ class Task:
     - `prepare(study, raw, out_dir)`: preprocess the raw dataset, return the dataset index.
     - `split(study, index)`: train/val/test case ids.
     - `resolve(study, index)`: the study with its dataset-dependent settings made concrete.
-    - `train_loader(study, dataset_dir, index, case_ids, seed, rank, world_size, pin_memory)`.
+    - `train_loader(study, dataset_dir, index, case_ids, seed, rank, world_size, pin_memory)`: the
+      training batches, finite (the loop cycles it) or endless.
     - `loss(train)`, `validate(model, dataset_dir, case_ids, study, device, dtype)` -> per-case
       records of one worker, `summarise(records of all workers)` -> `val_*` metrics, whose
       `selection_metric` picks a trial's checkpoint (`selection_mode`: max or min).

@@ -62,6 +62,7 @@ def train_loader(study: StudySpec, dataset_dir: Path, index: dict, case_ids: lis
         rank=rank,
         world_size=world_size,
         pin_memory=pin_memory,
+        passes=None,   # fixed-step epochs: the workers fetch on across the end of each pass
     )
 
 

@@ -114,6 +114,7 @@ def train_loader(study: StudySpec, dataset_dir: Path, index: dict, case_ids: lis
         world_size=world_size,
         pin_memory=pin_memory,
         image_dtype=amp_dtype(train.amp) or torch.float32,
+        passes=None,   # fixed-step epochs: the workers fetch on across the end of each pass
     )
 
 

@@ -77,13 +77,14 @@ def make_heatmap_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    passes: int | None = 1,
 ) -> PatchBatchLoader:
     """Loader of patch batches for one DDP rank; ``landmarks_mm[i]`` are image i's K points.
 
     Batches are dicts: ``image`` float32 [B, C, *patch_size], ``label`` float32 [B, K, *patch_size]
     (the heatmaps: the target the training step reads), ``location`` int64 [B, 6] and ``case_id``.
-    Sharding and seeding follow ``make_patch_loader``: equal patch counts per rank, batches that
-    depend only on the seed.
+    Sharding, seeding and ``passes`` follow ``make_patch_loader``: equal patch counts per rank,
+    batches that depend only on the seed.
     """
     if len(image_paths) != len(landmarks_mm):
         raise ValueError(f"{len(image_paths)} images but {len(landmarks_mm)} landmark sets")
@@ -97,7 +98,7 @@ def make_heatmap_loader(
     sampler = ContainingLabelSampler(patch_size, label_name=PEAKS, label_probabilities=label_probabilities)
     dataset = PatchDrawingDataset(subjects, transform, sampler, samples_per_volume)
     return patch_batch_loader(dataset, len(image_paths), collate_heatmap_patches, batch_size, queue_length,
-                              num_workers, seed, rank, world_size, pin_memory)
+                              num_workers, seed, rank, world_size, pin_memory, passes)
 
 
 def collate_heatmap_patches(patches: list[tio.Subject], stack: Stack = plain_stack) -> dict[str, Any]:

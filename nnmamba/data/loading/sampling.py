@@ -9,6 +9,7 @@ processes and dealt to DDP ranks by :class:`PatchBatchLoader`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -95,6 +96,7 @@ def make_patch_loader(
     pin_memory: bool = False,
     unpacked_dir: Path | None = None,
     image_dtype: torch.dtype = torch.float32,
+    passes: int | None = 1,
 ) -> PatchBatchLoader:
     """Loader of patch batches for one DDP rank (``pin_memory``: page-locked batches, for asynchronous copies to a GPU).
 
@@ -115,6 +117,9 @@ def make_patch_loader(
     ``samples_per_volume`` patches, and each batch holds one patch of each case of a group
     (see :class:`PatchBatchLoader`). Every batch is full and every rank yields the same number
     of batches per epoch, so CUDA graphs keep their shapes and DDP collectives stay in step.
+    The loader makes ``passes`` epochs; ``None`` makes them without end, for training loops of
+    fixed-step epochs, so that the workers keep fetching across the end of a pass (see
+    :class:`SubjectGroups`).
     """
     if len(image_paths) != len(label_paths):
         raise ValueError(f"{len(image_paths)} images but {len(label_paths)} labels")
@@ -123,7 +128,7 @@ def make_patch_loader(
     dataset = ArrayPatchDataset(cases, unpacked_dir or default_unpacked_dir(), patch_size, samples_per_volume,
                                 label_probabilities, augmentation)
     return patch_batch_loader(dataset, len(image_paths), partial(collate_patches, image_dtype=image_dtype),
-                              batch_size, queue_length, num_workers, seed, rank, world_size, pin_memory)
+                              batch_size, queue_length, num_workers, seed, rank, world_size, pin_memory, passes)
 
 
 class PrivateRngLoader(DataLoader):
@@ -188,21 +193,26 @@ class SubjectGroups(Sampler[list[int]]):
     Groups are always full (the last one is topped up with subjects drawn at random): every
     batch then has the same shape, which a CUDA-graph training step needs, and every DDP rank
     the same number of groups (``groups_per_pass``). Draws from the global torch RNG, which
-    ``PrivateRngLoader`` makes private.
+    ``PrivateRngLoader`` makes private. ``passes=None`` deals passes without end: a DataLoader
+    fetches only the groups of its current iteration, so restarting it at every pass leaves
+    the workers idle at each pass's end while the GPU waits for the next pass's first groups.
     """
 
-    def __init__(self, subjects: int, size: int, groups: int):
+    def __init__(self, subjects: int, size: int, groups: int, passes: int | None = 1):
         if groups * size < subjects:
             raise ValueError(f"{groups} groups of {size} cannot hold {subjects} subjects")
-        self.subjects, self.size, self.groups = subjects, size, groups
+        self.subjects, self.size, self.groups, self.passes = subjects, size, groups, passes
 
     def __len__(self) -> int:
-        return self.groups
+        if self.passes is None:
+            raise TypeError("an endless loader (passes=None) has no length")
+        return self.groups * self.passes
 
     def __iter__(self) -> Iterator[list[int]]:
-        top_up = torch.randint(self.subjects, (self.groups * self.size - self.subjects,))
-        order = torch.cat([torch.randperm(self.subjects), top_up])
-        yield from order.view(self.groups, self.size).tolist()
+        for _ in itertools.count() if self.passes is None else range(self.passes):
+            top_up = torch.randint(self.subjects, (self.groups * self.size - self.subjects,))
+            order = torch.cat([torch.randperm(self.subjects), top_up])
+            yield from order.view(self.groups, self.size).tolist()
 
 
 def groups_per_pass(subjects: int, batch_size: int, world_size: int) -> int:
@@ -284,13 +294,13 @@ def yield_to_the_main_process(worker_id: int) -> None:
 def patch_batch_loader(dataset: ArrayPatchDataset | PatchDrawingDataset, all_subjects: int,
                        collate: Collate, batch_size: int, queue_length: int,
                        num_workers: int, seed: int, rank: int, world_size: int,
-                       pin_memory: bool = False) -> PatchBatchLoader:
-    """The loader of one rank's ``dataset`` (its ``rank_shard`` of ``all_subjects``).
+                       pin_memory: bool = False, passes: int | None = 1) -> PatchBatchLoader:
+    """The loader of one rank's ``dataset`` (its ``rank_shard`` of ``all_subjects``), ``passes`` passes long.
 
     ``queue_length`` (patches held for mixing, as in torchio's Queue) sets how many groups'
     batches are shuffled together.
     """
-    groups = SubjectGroups(len(dataset), batch_size, groups_per_pass(all_subjects, batch_size, world_size))
+    groups = SubjectGroups(len(dataset), batch_size, groups_per_pass(all_subjects, batch_size, world_size), passes)
     mixed_groups = max(1, queue_length // (batch_size * dataset.samples_per_volume))
     return PatchBatchLoader(dataset, groups, collate, mixed_groups, num_workers, seed, rank, pin_memory)
 
