@@ -31,7 +31,7 @@ NNMAMBA = "nnmamba"
 
 @dataclass(frozen=True)
 class Recipe:
-    """The optimizer a backbone's authors (or its library's reference tutorial) train it with."""
+    """The optimizer and loss a backbone's authors (or its library's reference tutorial) train it with."""
 
     optimizer: str
     lr: float
@@ -40,14 +40,19 @@ class Recipe:
     momentum: float = 0.0
     nesterov: bool = False
     schedule: str = "constant"                  # nnmamba.engine.SCHEDULES
+    loss: str = "dice_ce"                       # segmentation: nnmamba.losses.SEGMENTATION_LOSSES
 
 
-_MONAI_BTCV = Recipe("adamw", 1e-4, 1e-5, "MONAI's BTCV tutorials (unetr_btcv, swin_unetr_btcv): AdamW 1e-4, wd 1e-5")
+_MONAI_BTCV = Recipe("adamw", 1e-4, 1e-5, "MONAI's BTCV tutorials (unetr_btcv, swin_unetr_btcv): AdamW 1e-4, wd 1e-5, "
+                     "DiceCELoss")
 _NNUNET_SGD = Recipe("sgd", 1e-2, 3e-5, "nnunetv2's nnUNetTrainer: SGD 1e-2, Nesterov momentum 0.99, wd 3e-5, "
-                     "PolyLRScheduler (exponent 0.9)", momentum=0.99, nesterov=True, schedule="poly")
+                     "PolyLRScheduler (exponent 0.9), Dice + CE", momentum=0.99, nesterov=True, schedule="poly")
 _SEGMAMBA_SGD = Recipe("sgd", 1e-2, 3e-5, "ge-xing/SegMamba 3_train.py: SGD 1e-2, Nesterov momentum 0.99, wd 3e-5, "
-                       "poly schedule", momentum=0.99, nesterov=True, schedule="poly")
-_MONAI_BRATS = Recipe("adam", 1e-4, 1e-5, "MONAI's brats_segmentation_3d tutorial: Adam 1e-4, wd 1e-5")
+                       "poly schedule, CrossEntropyLoss alone", momentum=0.99, nesterov=True, schedule="poly",
+                       loss="ce")
+_MONAI_BRATS = Recipe("adam", 1e-4, 1e-5, "MONAI's brats_segmentation_3d tutorial: Adam 1e-4, wd 1e-5, DiceLoss (there "
+                      "sigmoid over the BraTS regions; softmax over the labels here, as the network outputs labels)",
+                      loss="dice")
 
 
 @dataclass(frozen=True)

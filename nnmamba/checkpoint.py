@@ -8,12 +8,16 @@ margin), the patch size and the sliding-window overlap (see `nnmamba.predict`).
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from nnmamba.atomic import staged_directory, write_new
 from nnmamba.backbones import NNMAMBA, build_network
 
 ARCH_FILE = "arch.json"
@@ -32,17 +36,21 @@ def model_from_arch(arch: dict) -> nn.Module:
 
 
 def save_bundle(directory: Path, arch: dict, state_dict: dict, prediction: dict | None = None) -> None:
-    """Write a bundle; `arch` needs task, backbone, variant (nnMamba's), in_channels, out_channels,
-    input_shape (the patch, or the whole volume for classification) and kwargs.
+    """Write a bundle, replacing `directory` as a whole only once every file is written (nnmamba.atomic):
+    a failure (a full disk) leaves an earlier bundle there as it was, never a mix of old and new files.
 
-    `prediction` is the record `nnmamba.predict` needs to run on raw images (optional:
-    a bundle without it can still be loaded and evaluated on preprocessed data).
+    `arch` needs task, backbone, variant (nnMamba's), in_channels, out_channels, input_shape (the
+    patch, or the whole volume for classification) and kwargs. `prediction` is the record
+    `nnmamba.predict` needs to run on raw images (optional: a bundle without it can still be loaded
+    and evaluated on preprocessed data).
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / ARCH_FILE).write_text(json.dumps(arch, indent=2, sort_keys=True))
-    torch.save(state_dict, directory / WEIGHTS_FILE)
-    if prediction is not None:
-        (directory / PREDICTION_FILE).write_text(json.dumps(prediction, indent=2, sort_keys=True))
+    weights = io.BytesIO()
+    torch.save(state_dict, weights)   # in memory: torch's file writer reports a full disk as "unexpected pos"
+    with staged_directory(directory) as bundle:
+        write_new(bundle / ARCH_FILE, json.dumps(arch, indent=2, sort_keys=True))
+        write_new(bundle / WEIGHTS_FILE, weights.getbuffer())
+        if prediction is not None:
+            write_new(bundle / PREDICTION_FILE, json.dumps(prediction, indent=2, sort_keys=True))
 
 
 def load_bundle(directory: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -53,8 +61,23 @@ def load_bundle(directory: Path, device: torch.device | str = "cpu") -> tuple[nn
             raise FileNotFoundError(f"{directory} is not a model bundle: {name} is missing")
     arch = json.loads((directory / ARCH_FILE).read_text())
     model = model_from_arch(arch)
-    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(directory / WEIGHTS_FILE))
     return model.to(device).eval(), arch
+
+
+def load_weights(file: Path, map_location: torch.device | str = "cpu") -> dict:
+    """A weights file (tensors, containers and plain values only: `torch.load(weights_only=True)`).
+
+    A file that pickles anything else (a class, a function: code that unpickling would run) is
+    refused with one line naming the file and the first object torch would not load.
+    """
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"pickled {found.group(1)}" if found else str(error).strip().splitlines()[0]
+        raise pickle.UnpicklingError(f"{file}: refused to load: it holds more than weights ({what}); only "
+                                     "tensors and plain containers are loaded (weights_only=True)") from None
 
 
 def load_prediction_record(directory: Path) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 
@@ -62,13 +62,31 @@ def _resized(target: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return nn.functional.interpolate(target.float(), size=shape, mode="nearest").to(target.dtype)
 
 
-def segmentation_loss(**kw: Any) -> nn.Module:
-    """Dice + cross-entropy on logits [B, K, D, H, W] against int64 labels [B, 1, D, H, W] (nnU-Net's loss).
+# The segmentation losses the backbones' published recipes train with (nnmamba.backbones.Recipe.loss).
+SEGMENTATION_LOSSES = ("dice_ce", "dice", "ce")
 
-    The labels are one-hot encoded and the logits softmaxed inside the loss; ``kw`` overrides any
-    other ``monai.losses.DiceCELoss`` argument.
+
+class LabelCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy on logits [B, K, D, H, W] against int64 label maps [B, 1, D, H, W] (the loaders' shape)."""
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(prediction, target[:, 0].long())
+
+
+def segmentation_loss(terms: str = "dice_ce", **kw: Any) -> nn.Module:
+    """A segmentation loss on logits [B, K, D, H, W] against int64 labels [B, 1, D, H, W].
+
+    ``terms``: ``dice_ce``, Dice + cross-entropy (nnU-Net's loss; MONAI's BTCV tutorials), ``dice``
+    (soft Dice over the one-hot labels, softmaxed logits), or ``ce`` (cross-entropy alone, as
+    SegMamba's 3_train.py). ``kw`` overrides any other argument of the MONAI (or torch) loss.
     """
-    return DiceCELoss(**{"to_onehot_y": True, "softmax": True, **kw})
+    if terms == "dice_ce":
+        return DiceCELoss(**{"to_onehot_y": True, "softmax": True, **kw})
+    if terms == "dice":
+        return DiceLoss(**{"to_onehot_y": True, "softmax": True, **kw})
+    if terms == "ce":
+        return LabelCrossEntropy(**kw)
+    raise ValueError(f"unknown segmentation loss {terms!r}; known: {', '.join(SEGMENTATION_LOSSES)}")
 
 
 class WeightedHeatmapMSE(nn.Module):

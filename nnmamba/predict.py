@@ -19,16 +19,19 @@ model also takes any image file as one case (AMOS's ``amos_0507.nii.gz``). Outpu
 
 from __future__ import annotations
 
-import os
+import errno
+import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchio as tio
 from torch import nn
 from tqdm import tqdm
 
+from nnmamba.atomic import WriteError, staged
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
 from nnmamba.data.readers.nnunet import (
@@ -165,8 +168,28 @@ def predict_cases(
         labels = predict_case(model, case, record, device, mirror_axes, overlap)
         ending = file_ending(next(iter(case.images.values())))
         target = output_dir / f"{case.case_id}{ending}"
-        partial = output_dir / f".{case.case_id}.partial{ending}"
-        labels.save(partial)
-        os.replace(partial, target)
+        save_label_map(labels, target)
         written.append(target)
     return written
+
+
+def save_label_map(labels: tio.LabelMap, path: Path) -> None:
+    """Replace `path` (and a two-file format's data file) with the label map, atomically (nnmamba.atomic).
+
+    SimpleITK's NIfTI writer reports no error on a full disk: it leaves an empty or truncated file and
+    returns. So the map is written to a scratch folder and read back whole first; its files' bytes
+    then go to `path`'s folder through nnmamba.atomic, whose errors name the file and the OS reason.
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="nnmamba-labels-") as scratch:
+        labels.save(Path(scratch) / path.name)
+        try:
+            whole = np.array_equal(tio.LabelMap(Path(scratch) / path.name).numpy(), labels.numpy())
+        except RuntimeError:   # SimpleITK cannot read an empty or truncated file
+            whole = False
+        if not whole:
+            raise WriteError(path, OSError(errno.EIO, f"SimpleITK's output does not read back whole from {scratch} "
+                                                      f"(is {tempfile.gettempdir()} full?)"))
+        with staged() as staging:
+            for file in sorted(Path(scratch).iterdir()):
+                staging.file(path.parent / file.name, file.read_bytes())

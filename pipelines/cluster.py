@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 
 import ray
 
+from pipelines import SINGLE_MACHINE_ENV
 from pipelines.params import RaySpec
 
 # Variables every Ray process must see; NVLink multicast stays off on shared GPU hosts.
@@ -44,7 +46,8 @@ def connect_ray(settings: RaySpec) -> None:
 
     Jobs submitted with `ray job submit` find RAY_ADDRESS set by Ray itself, so the same stage
     code runs on a laptop and on a cluster. Without an address, plain `ray.init()` would join any
-    cluster that `ray start` left running on the host; "local" never does. The log says which.
+    cluster that `ray start` left running on the host; "local" never does, and its processes listen
+    on 127.0.0.1 only (see `pipelines/__init__.py`). The log says which Ray, and where it listens.
     """
     if ray.is_initialized():
         return
@@ -55,7 +58,25 @@ def connect_ray(settings: RaySpec) -> None:
         # picks the most recently started Ray on the host, and on a host running several clusters
         # (CI, shared machines) it then tears down this job's live trials.
         runtime_env = {"env_vars": {**(runtime_env or {}).get("env_vars", {}), "RAY_ADDRESS": address}}
-    ray.init(address=address, runtime_env=runtime_env)
+    local = {"dashboard_host": "127.0.0.1"} if address == "local" else {}
+    try:
+        ray.init(address=address, runtime_env=runtime_env, **local)
+    except ConnectionError as error:
+        if address != "local" and os.environ.get(SINGLE_MACHINE_ENV) == "0":
+            raise ConnectionError(f"{error}: a stage started without RAY_ADDRESS keeps Ray on 127.0.0.1 "
+                                  f"({SINGLE_MACHINE_ENV}=0) and reaches only a cluster there; export "
+                                  f"RAY_ADDRESS={address} to join this one") from error
+        raise
+    log_connection(address)
+
+
+def log_connection(address: str) -> None:
+    """One line naming the Ray in use, its GCS address and resources; a warning when a local Ray is
+    reachable from the network."""
+    gcs = ray.get_runtime_context().gcs_address
     where = "a private local Ray" if address == "local" else f"the cluster at {address}"
     resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    print(f"ray: using {where} (GCS {ray.get_runtime_context().gcs_address}, {resources})", flush=True)
+    print(f"ray: using {where} (GCS {gcs}, {resources})", flush=True)
+    if address == "local" and not ipaddress.ip_address(gcs.rsplit(":", 1)[0].strip("[]")).is_loopback:
+        print(f"ray: warning: the local Ray listens on every interface, not only 127.0.0.1 (Ray was imported "
+              f"before `pipelines`, or {SINGLE_MACHINE_ENV}=1)", flush=True)

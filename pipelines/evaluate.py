@@ -16,7 +16,7 @@ nnunetv2 ensembles folds), written beside as `test_ensemble_*` and `<trial>-ense
 from __future__ import annotations
 
 import argparse
-import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import pandas as pd
 import ray
 from tqdm import tqdm
 
+from nnmamba.atomic import Staging, WriteError, staged, writing
 from pipelines import workspace
 from pipelines.cluster import connect_ray
 from pipelines.params import StudySpec, load_params
@@ -85,41 +86,45 @@ def score_models(jobs: list[dict], study: StudySpec, test_cases: list[str], out_
     for ref in tqdm(_as_completed(list(pending)), total=len(pending), desc=f"{desc} {study.name}", unit="model"):
         job = pending[ref]
         scored = ray.get(ref)
-        evaluator.save(scored, out_root, workspace.trial_name(job["variant"], job["seed"], job["fold"]) + suffix)
+        trial = workspace.trial_name(job["variant"], job["seed"], job["fold"]) + suffix
+        with writing(out_root / trial):   # a failed write() names no file: name the trial's predictions
+            evaluator.save(scored, out_root, trial)
         grid = {"variant": job["variant"], "seed": job["seed"], **({} if job["fold"] is None else {"fold": job["fold"]})}
         rows += [{**grid, **row} for row, _ in scored]
     per_case = pd.DataFrame(rows)
     return per_case.sort_values([*trial_keys(per_case), "case_id"]) if rows else per_case
 
 
-def write_results(study: StudySpec, per_case: pd.DataFrame, per_case_template: str, summary_template: str
-                  ) -> tuple[pd.DataFrame, dict]:
-    """The per-case CSV and the summary JSON (mean ± std over seeds and folds); returns (per-trial means, summary)."""
-    file = workspace.path(per_case_template, study=study.name)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    per_case.to_csv(file, index=False)
+def stage_results(staging: Staging, study: StudySpec, per_case: pd.DataFrame, per_case_template: str,
+                  summary_template: str) -> tuple[pd.DataFrame, dict]:
+    """The per-case CSV and the summary JSON (mean ± std over seeds and folds), staged to be swapped
+    in with the predictions; returns (per-trial means, summary)."""
+    staging.file(workspace.path(per_case_template, study=study.name), per_case.to_csv(index=False))
     per_seed = get_task(study.task).evaluator.per_seed(per_case) if not per_case.empty else pd.DataFrame()
     summary = summarise(per_seed)
-    workspace.write_json(workspace.path(summary_template, study=study.name), summary)
+    staging.file(workspace.path(summary_template, study=study.name), workspace.json_text(summary))
     return per_seed, summary
 
 
 def evaluate(name: str) -> dict:
     """Evaluate all of a study's trials (and, where asked, its fold ensembles) on its test split and
-    write predictions, CSVs, JSONs and MLflow."""
+    write predictions, CSVs, JSONs and MLflow. The predictions and metrics files are written beside
+    the old ones and swapped in together once all are complete (nnmamba.atomic): a failure leaves
+    the previous ones as they were."""
     study = resolve_study(load_params().study(name))
     trials = workspace.load_trials(name)
     test_cases = workspace.load_split(name)["test"]
     connect_ray(study.ray)
-    out_root = workspace.path(workspace.PREDICTIONS, study=name)
-    shutil.rmtree(out_root, ignore_errors=True)
     jobs = [{**trial, "model_dirs": [trial["model_dir"]]} for trial in trials["trials"]]
-    per_seed, summary = write_results(study, score_models(jobs, study, test_cases, out_root),
-                                      workspace.TEST_PER_CASE, workspace.TEST_SUMMARY)
     ensembles = fold_ensembles(trials["trials"]) if study.evaluate.ensemble_folds else []
-    _, ensemble_summary = write_results(
-        study, score_models(ensembles, study, test_cases, out_root, suffix="-ensemble", desc="ensemble"),
-        workspace.TEST_ENSEMBLE_PER_CASE, workspace.TEST_ENSEMBLE_SUMMARY)
+    with staged() as staging:
+        predictions = staging.directory(workspace.path(workspace.PREDICTIONS, study=name))
+        per_seed, summary = stage_results(staging, study, score_models(jobs, study, test_cases, predictions),
+                                          workspace.TEST_PER_CASE, workspace.TEST_SUMMARY)
+        _, ensemble_summary = stage_results(
+            staging, study, score_models(ensembles, study, test_cases, predictions, suffix="-ensemble",
+                                         desc="ensemble"),
+            workspace.TEST_ENSEMBLE_PER_CASE, workspace.TEST_ENSEMBLE_SUMMARY)
     log_to_mlflow(study, trials, per_seed, summary, ensemble_summary)
     return summary
 
@@ -134,7 +139,10 @@ def _as_completed(refs: list):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="key under `studies` in params.yaml")
-    evaluate(parser.parse_args().study)
+    try:
+        evaluate(parser.parse_args().study)
+    except WriteError as error:
+        sys.exit(f"evaluate: {error}")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nnmamba.backbones import NNMAMBA, UNAVAILABLE, available_backbones, get_backbone
 from nnmamba.data.loading.augmentation import Augmentation
 from nnmamba.data.preprocessing.plan import PlanSettings
+from nnmamba.losses import SEGMENTATION_LOSSES
 from pipelines.tasks import TASK_NAMES
 from pipelines.workspace import REPO_ROOT, trial_name
 
@@ -115,8 +116,9 @@ class HeatmapSpec(Spec):
 class TrainSpec(Spec):
     backbones: tuple[str, ...] = (NNMAMBA,)     # nnmamba (its `variants`) and competitors (nnmamba/backbones.py)
     backbone_options: dict[str, dict[str, Any]] = {}   # per competitor: options of its constructor
-    recipe: Literal["own", "shared"] = "own"    # own: each backbone its published optimizer; shared: `optimizer`
+    recipe: Literal["own", "shared"] = "own"    # own: each backbone its published optimizer and loss; shared: nnMamba's
     backbone_optimizers: dict[str, OptimizerSpec] = {}   # recipe own: a competitor's optimizer, instead of its own
+    backbone_losses: dict[str, Literal[SEGMENTATION_LOSSES]] = {}   # recipe own: a competitor's segmentation loss
     variants: tuple[str, ...]                   # nnMamba's ablation variants
     seeds: tuple[int, ...]
     epochs: int
@@ -134,6 +136,7 @@ class TrainSpec(Spec):
     val_overlap: float
     data_workers: int
     augmentation: Augmentation
+    divergence_factor: float = Field(gt=1)      # an epoch's loss above this x the first step's fails the trial
     heatmap: HeatmapSpec | None = None          # landmark studies
 
     def patch_sampling(self) -> dict[str, Any]:
@@ -144,8 +147,13 @@ class TrainSpec(Spec):
                 "num_workers": self.data_workers}
 
     def grid_free(self) -> dict[str, Any]:
-        """Everything but the grid's own axes: what makes two trials of one (variant, seed) differ."""
-        return self.model_dump(mode="json", exclude={"backbones", "variants", "seeds"}, exclude_none=True)
+        """Everything but the grid's own axes: what makes two trials of one (variant, seed) differ.
+
+        The divergence guard is left out too: it stops a trial, it never changes a finished one, so
+        changing it keeps the trained trials (a diverged one resumes from its last checkpoint).
+        """
+        return self.model_dump(mode="json", exclude={"backbones", "variants", "seeds", "divergence_factor"},
+                               exclude_none=True)
 
     def optimizer_for(self, task: str, backbone: str) -> OptimizerSpec:
         """The optimizer a backbone trains with: `optimizer` for nnMamba (the paper's recipe) and for
@@ -160,6 +168,19 @@ class TrainSpec(Spec):
             return self.optimizer
         return OptimizerSpec(name=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
                              momentum=recipe.momentum, nesterov=recipe.nesterov, schedule=recipe.schedule)
+
+    def loss_for(self, task: str, backbone: str) -> str | None:
+        """The segmentation loss a backbone trains with (nnmamba.losses.SEGMENTATION_LOSSES), chosen as
+        `optimizer_for` chooses: Dice + CE for nnMamba and under `recipe: shared`. None for the other
+        tasks, which have one loss each."""
+        if task != "segmentation":
+            return None
+        if self.recipe == "shared" or backbone == NNMAMBA:
+            return "dice_ce"
+        if backbone in self.backbone_losses:
+            return self.backbone_losses[backbone]
+        recipe = get_backbone(task, backbone).recipe
+        return recipe.loss if recipe is not None else "dice_ce"
 
     def grid(self) -> list[tuple[str, str]]:
         """(backbone, row) of every model the study trains per seed: nnMamba's variants (the row is
@@ -246,6 +267,7 @@ class TrialSpec(Spec):
     seed: int
     fold: int | None = None                     # k-fold studies: the fold that validates this trial
     optimizer: OptimizerSpec                    # the backbone's recipe (TrainSpec.optimizer_for)
+    loss: str | None = None                     # segmentation: the backbone's loss (TrainSpec.loss_for)
     digest: str
     storage_path: str                           # Ray Train checkpoints (a path or s3://...)
     dataset_dir: str
@@ -351,7 +373,8 @@ def _check_study(study: StudySpec, where: tuple, path: Path) -> None:
         raise ParamsError(f"{path}: {_dotted((*where, 'task'))}: unknown task {study.task!r}"
                           f"{_did_you_mean(study.task, TASK_NAMES)} (known: {sorted(TASK_NAMES)})")
     known = available_backbones(study.task)
-    for backbone in (*study.train.backbones, *study.train.backbone_options, *study.train.backbone_optimizers):
+    train = study.train
+    for backbone in (*train.backbones, *train.backbone_options, *train.backbone_optimizers, *train.backbone_losses):
         if backbone in UNAVAILABLE:
             raise ParamsError(f"{path}: study {study.name}: train.backbones: {backbone!r} is not available: "
                               f"{UNAVAILABLE[backbone]}")

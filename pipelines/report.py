@@ -14,8 +14,10 @@ and PNG. Tables and plots are also attached to each study's MLflow parent run.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from nnmamba.atomic import WriteError, staged_directory
 from pipelines import workspace
 from pipelines.params import load_params
 from pipelines.reports.ablation import ablation_report
@@ -24,28 +26,36 @@ from pipelines.tracking import attach_to_parent_run
 
 
 def report() -> list[Path]:
-    """Reports for every study in params.yaml that has test results; returns the tables, printed too."""
+    """Reports for every study in params.yaml that has test results; returns the tables, printed too.
+
+    `reports/` is written beside the old one and replaces it as a whole once complete
+    (nnmamba.atomic): a failure leaves the previous reports as they were, and no report of a study
+    evaluated no more stays behind.
+    """
     out_dir = workspace.resolve(workspace.REPORTS)
-    out_dir.mkdir(parents=True, exist_ok=True)
     params = load_params()
     evaluated = [study for study in params.studies.values() if workspace.load_summary(study.name) is not None]
-    tables = []
-    for task in TASK_NAMES:
-        studies = [study for study in evaluated if study.task == task]
-        tables += get_task(task).report(studies, params.report, out_dir)
-    ablation = ablation_report(dict(params.report.ablation), out_dir)
-    for study in params.studies.values():
-        if study.name in params.report.ablation.values():
-            attach_to_parent_run(study, ablation)
-    tables += ablation[:1]
-    for table in tables:
-        print(table.read_text())
-    return tables
+    with staged_directory(out_dir) as partial:
+        tables = []
+        for task in TASK_NAMES:
+            studies = [study for study in evaluated if study.task == task]
+            tables += get_task(task).report(studies, params.report, partial)
+        ablation = ablation_report(dict(params.report.ablation), partial)
+        for study in params.studies.values():
+            if study.name in params.report.ablation.values():
+                attach_to_parent_run(study, ablation)
+        tables += ablation[:1]
+        for table in tables:
+            print(table.read_text())
+    return [out_dir / table.relative_to(partial) for table in tables]
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    report()
+    try:
+        report()
+    except WriteError as error:
+        sys.exit(f"report: {error}")
 
 
 if __name__ == "__main__":

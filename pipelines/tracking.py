@@ -3,18 +3,28 @@
 Only driver processes write here (the train, evaluate and report stages), never Ray workers, so a
 local SQLite store is safe. Runs are looked up by tags before being created, so a restarted stage
 continues its parent and child runs instead of duplicating them.
+
+The experiments are created with their artifact location named here: MLflow's default for a
+database store is `./mlruns` of the process's working directory, which for a job submitted with
+`ray job submit --working-dir` is Ray's temporary copy of the code, deleted with the Ray session
+(and every logged and registered model with it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Experiment
+from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
 
 from pipelines import workspace
 from pipelines.params import MlflowSpec, StudySpec
@@ -28,6 +38,34 @@ def tracking_uri(settings: MlflowSpec) -> str:
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         uri = prefix + str(workspace.resolve(uri[len(prefix):]))
     return uri
+
+
+ARTIFACTS = "mlruns"          # a database store's artifacts: beside its SQLite file, else in the workspace
+RAY_PACKAGE_PREFIX = "_ray_pkg_"   # Ray's name for a job's uploaded, temporary copy of the code
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where the experiments this project creates in the store at `uri` keep their artifacts:
+    `mlruns/` beside a SQLite file, the workspace's `mlruns/` for another database, None for a
+    tracking server or file store (their own artifact store decides)."""
+    scheme = urllib.parse.urlparse(uri).scheme.split("+")[0]
+    if scheme == "sqlite":
+        return workspace.resolve(Path(uri[len("sqlite:///"):]).parent / ARTIFACTS)
+    return workspace.resolve(ARTIFACTS) if scheme in DATABASE_ENGINES else None
+
+
+def check_artifact_location(experiment: Experiment) -> None:
+    """Refuse an experiment whose artifacts live in a Ray job's temporary copy of the code (created by
+    an older version of this module): what it logs would be deleted with the Ray session."""
+    location = experiment.artifact_location
+    if urllib.parse.urlparse(location).scheme not in ("", "file"):
+        return
+    if any(part.startswith(RAY_PACKAGE_PREFIX) for part in Path(local_file_uri_to_path(location)).parts):
+        raise RuntimeError(
+            f"MLflow experiment '{experiment.name}' (id {experiment.experiment_id}) keeps its artifacts in "
+            f"{location}, a Ray job's temporary copy of the code that Ray deletes: rename it "
+            f"(mlflow experiments rename --experiment-id {experiment.experiment_id} --new-name "
+            f"'{experiment.name}-lost') and run again to start one whose artifacts stay in the workspace")
 
 
 def experiment_name(study: StudySpec) -> str:
@@ -66,13 +104,21 @@ class StudyRuns:
         self.uri = tracking_uri(study.mlflow)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        name = experiment_name(study)
-        experiment = self.client.get_experiment_by_name(name)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.experiment_id = self._experiment(experiment_name(study))
         self.study = study.name
         self.task = study.task
         self.dataset = study.dataset.name
         self.digest = config_digest
+
+    def _experiment(self, name: str) -> str:
+        """The id of experiment `name`, created with its artifacts under `artifact_root` when missing."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            check_artifact_location(experiment)
+            return experiment.experiment_id
+        root = artifact_root(self.uri)
+        location = None if root is None else str(root / re.sub(r"[^\w.-]+", "_", name))
+        return self.client.create_experiment(name, artifact_location=location)
 
     def _find(self, tags: Mapping[str, str]) -> str | None:
         query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())

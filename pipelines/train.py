@@ -7,6 +7,11 @@ Metrics flow worker -> Tune -> this driver, which alone writes MLflow (parent ru
 ablation, one child run per trial). Afterwards the best checkpoint of every trial (by validation
 score) is exported to `models/<study>/<variant>-seed<seed>/` and logged as an MLflow model.
 
+A trial whose Ray Train run has checkpointed its last epoch is not trained again: a re-run reads it
+back from the run's storage and, when nothing is left to train, never starts Ray. One whose loss
+diverges, or that meets bad settings or data, fails at once, unretried (`pipelines.failures`);
+the stage's error names every failed trial with its cause.
+
 A study whose `init` names another study's models (`init: models/adni_ad`) is a transfer study:
 each trial starts from that study's model of the same variant and seed (the paper's Table 3
 setting); `init: nnmamba/models.py` starts from freshly built weights. dvc.yaml lists `init` as a
@@ -25,8 +30,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
+import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +45,13 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from nnmamba.atomic import WriteError, staged, write_new
 from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, WEIGHTS_FILE, load_bundle, model_from_arch, save_bundle
 from nnmamba.backbones import NNMAMBA, get_backbone
 from nnmamba.models import available_variants
 from pipelines import workspace
 from pipelines.cluster import connect_ray
+from pipelines.failures import FailFast, cause_line
 from pipelines.params import StudySpec, TrialSpec, load_params
 from pipelines.resolve import resolve_study
 from pipelines.tasks import get_task
@@ -151,6 +159,7 @@ def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialS
     return [
         TrialSpec(study=study, backbone=backbone, variant=variant, seed=seed, fold=fold, digest=digest,
                   optimizer=study.train.optimizer_for(study.task, backbone),
+                  loss=study.train.loss_for(study.task, backbone),
                   storage_path=storage_path, dataset_dir=str(workspace.path(workspace.PREPROCESSED, study=study.name)),
                   train_cases=train, val_cases=val,
                   init_dir=str(upstream / workspace.trial_name(variant, seed, fold)) if upstream else None,
@@ -163,7 +172,8 @@ def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialS
 def build_trainer(trial: TrialSpec, callbacks: list) -> TorchTrainer:
     """The Ray Train run of one (variant, seed): DDP workers, placement, storage and failure policy from params.
 
-    A run with the same name and storage path restores that run's latest checkpoint.
+    A run with the same name and storage path restores that run's latest checkpoint. Worker
+    crashes are retried up to `ray.max_failures`; a deterministic error is not (`FailFast`).
     """
     ray_spec = trial.study.ray
     metric, mode = get_task(trial.study.task).selection(bool(trial.val_cases))
@@ -183,20 +193,92 @@ def build_trainer(trial: TrialSpec, callbacks: list) -> TorchTrainer:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
-            callbacks=callbacks,
+            callbacks=[*callbacks, FailFast()],
         ),
     )
+
+
+def best_of(result: ray.train.Result, trial: TrialSpec) -> dict:
+    """What the export reads of a Ray Train run: its best checkpoint by the task's selection metric."""
+    metric, mode = get_task(trial.study.task).selection(bool(trial.val_cases))
+    better = max if mode == "max" else min
+    best_checkpoint, best_metrics = better(result.best_checkpoints, key=lambda pair: pair[1][metric])
+    return {"best_checkpoint_path": best_checkpoint.path, f"best_{metric}": best_metrics[metric],
+            "best_epoch": best_metrics["epoch"]}
 
 
 def run_trial(config: dict) -> None:
     """A Tune function trainable: one Ray Train run for one (variant, seed); resumes by run name."""
     trial: TrialSpec = config["trial"]
-    metric, mode = get_task(trial.study.task).selection(bool(trial.val_cases))
-    result = build_trainer(trial, [TuneReportCallback()]).fit()
-    better = max if mode == "max" else min
-    best_checkpoint, best_metrics = better(result.best_checkpoints, key=lambda pair: pair[1][metric])
-    ray.tune.report({"best_checkpoint_path": best_checkpoint.path, f"best_{metric}": best_metrics[metric],
-                     "best_epoch": best_metrics["epoch"]})
+    ray.tune.report(best_of(build_trainer(trial, [TuneReportCallback()]).fit(), trial))
+
+
+def finished_result(trial: TrialSpec) -> ray.train.Result | None:
+    """The trial's Ray Train run, read from its storage without Ray, when it checkpointed its last
+    epoch; None when it has not (no run yet, or one cut short by a crash or a failure).
+
+    The run's storage is the record of how far a trial got: Ray Train resumes from it, and it
+    outlives the stage's own outputs, which DVC deletes before a re-run (`models/<study>`, and
+    trials.json in it); its name holds the configuration digest.
+    """
+    try:
+        result = ray.train.Result.from_path(f"{trial.storage_path}/{trial.run_name}")
+    except RuntimeError:  # no run folder, or no checkpoint registered in it
+        return None
+    return result if result.metrics and result.metrics.get("epoch") == trial.study.train.epochs else None
+
+
+def trial_run(runs: StudyRuns, parent_id: str, params: dict[str, str], trial: TrialSpec) -> str:
+    """The trial's MLflow child run, found or created (with its params)."""
+    params = {**params, **flatten({"optimizer": trial.optimizer.model_dump()}),
+              **({"loss": trial.loss} if trial.loss else {})}
+    return runs.child(parent_id, trial.backbone, trial.variant, trial.seed, trial.fold, params)
+
+
+def tune_result(trial: TrialSpec, result: ray.train.Result) -> ray.tune.Result:
+    """A trial trained by an earlier run of the stage, as the Tune result of it that the export reads."""
+    return ray.tune.Result(metrics={**best_of(result, trial), "config": {"trial": trial}},
+                           checkpoint=result.checkpoint, error=None, path=result.path)
+
+
+def tune_grid(study: StudySpec, trials: list[TrialSpec], runs: StudyRuns, parent_id: str,
+              params: dict) -> list[ray.tune.Result]:
+    """The Tune grid of these trials, one Ray Train run each; Ray starts only when there is one."""
+    if not trials:
+        return []
+    connect_ray(study.ray)
+    mlflow_callback = MLflowTrialCallback(runs, parent_id, params)
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(run_trial, {"cpu": 0, "memory": 1e6}),
+        param_space={"trial": ray.tune.grid_search(trials)},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=study.ray.max_concurrent_trials,
+                                        reuse_actors=study.ray.reuse_actors),
+        run_config=ray.tune.RunConfig(
+            name=f"{study.name}-{trials[0].digest}-tune",
+            storage_path=trials[0].storage_path,
+            callbacks=[mlflow_callback],
+            verbose=1,
+        ),
+    )
+    results = list(tuner.fit())
+    if logged := mlflow_callback.log_seconds:
+        print(f"train: MLflow logging took {1e3 * sum(logged) / len(logged):.1f} ms per epoch (mean of {len(logged)})")
+    return results
+
+
+def failure_report(study: StudySpec, failed: list[ray.tune.Result], total: int) -> str:
+    """The stage's error: a line per failed trial, (variant, seed[, fold]) and its cause in one line."""
+    failed = sorted(failed, key=lambda r: r.config["trial"].name)
+    names = [grid_point(result.config["trial"]) for result in failed]
+    # The first line names them all: the parent run's `failure` tag keeps the first line only.
+    lines = [f"study {study.name}: {len(failed)} of {total} trials failed: {', '.join(names)}"]
+    lines += [f"  {name}: {cause_line(result.error)}" for name, result in zip(names, failed)]
+    return "\n".join(lines)
+
+
+def grid_point(trial: TrialSpec) -> str:
+    """`(variant, seed 0)`, `(variant, seed 0, fold 2)` in a k-fold study."""
+    return f"({trial.variant}, seed {trial.seed}" + ("" if trial.fold is None else f", fold {trial.fold}") + ")"
 
 
 class MLflowTrialCallback(ray.tune.Callback):
@@ -216,10 +298,7 @@ class MLflowTrialCallback(ray.tune.Callback):
         self.log_seconds: list[float] = []   # the driver's MLflow time per reported epoch
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        spec: TrialSpec = trial.config["trial"]
-        params = {**self.params, **flatten({"optimizer": spec.optimizer.model_dump()})}
-        self.run_ids[trial.trial_id] = self.runs.child(self.parent_id, spec.backbone, spec.variant, spec.seed,
-                                                       spec.fold, params)
+        self.run_ids[trial.trial_id] = trial_run(self.runs, self.parent_id, self.params, trial.config["trial"])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items()
@@ -233,23 +312,37 @@ class MLflowTrialCallback(ray.tune.Callback):
         self.runs.client.set_terminated(self.run_ids[trial.trial_id], "FAILED")
 
 
-def export_trial(result, trial: TrialSpec, out_dir: Path, run_id: str, register_as: str | None) -> dict:
-    """Copy the trial's best weights to `out_dir`, log them as an MLflow PyTorch model, return a summary row."""
-    checkpoint = ray.train.Checkpoint(result.metrics["best_checkpoint_path"])
+# A child run's tag: the checkpoint whose weights its logged MLflow model holds.
+EXPORTED_CHECKPOINT_TAG = "exported_checkpoint"
+
+
+def export_trial(result, trial: TrialSpec, partial: Path, models_dir: Path, runs: StudyRuns, run_id: str,
+                 register_as: str | None) -> dict:
+    """Write the trial's best weights as a bundle in `partial` (the study's models folder being written,
+    swapped in as `models_dir`), log them as an MLflow PyTorch model, return a summary row.
+
+    A run that already logged this checkpoint's model (a re-run of a finished stage) is not logged
+    again: that would take seconds per model and add a registered version holding the same weights.
+    """
+    best_path = result.metrics["best_checkpoint_path"]
+    checkpoint = ray.train.Checkpoint(best_path)
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    save_bundle(out_dir, trial.arch, state["model"], trial.prediction)
-    model, arch = load_bundle(out_dir)
+    bundle = partial / trial.name
+    save_bundle(bundle, trial.arch, state["model"], trial.prediction)
+    model, arch = load_bundle(bundle)
     task = get_task(trial.study.task)
     example = torch.zeros(1, arch["in_channels"], *task.input_shape(trial.study)).numpy()
     # The bundle's JSON files travel with the MLflow model, so `nnmamba predict --model models:/...` works.
-    extra_files = [str(out_dir / name) for name in (ARCH_FILE, PREDICTION_FILE) if (out_dir / name).is_file()]
-    with mlflow.start_run(run_id=run_id, nested=True):
-        mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
-                                 serialization_format="pickle", extra_files=extra_files)
+    extra_files = [str(bundle / name) for name in (ARCH_FILE, PREDICTION_FILE) if (bundle / name).is_file()]
+    if runs.client.get_run(run_id).data.tags.get(EXPORTED_CHECKPOINT_TAG) != best_path:
+        with mlflow.start_run(run_id=run_id, nested=True):
+            mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
+                                     serialization_format="pickle", extra_files=extra_files)
+        runs.client.set_tag(run_id, EXPORTED_CHECKPOINT_TAG, best_path)
     metric, _ = task.selection(bool(trial.val_cases))
     return {"backbone": trial.backbone, "variant": trial.variant, "seed": trial.seed, "fold": trial.fold,
-            "run_id": run_id, "model_dir": str(out_dir),
+            "run_id": run_id, "model_dir": str(models_dir / trial.name),
             f"best_{metric}": result.metrics[f"best_{metric}"], "best_epoch": result.metrics["best_epoch"]}
 
 
@@ -294,53 +387,62 @@ def train(name: str) -> list[dict]:
 
 
 def train_grid(study: StudySpec, trials: list[TrialSpec], runs: StudyRuns, parent_id: str, params: dict) -> list[dict]:
-    """The Tune grid of the study's trials, then each trial's export; a child run is FINISHED once
-    its model is exported and logged."""
-    name, digest, storage = study.name, trials[0].digest, trials[0].storage_path
-    connect_ray(study.ray)
+    """The trials not trained yet through the Tune grid (each resuming from its last checkpoint),
+    those trained by an earlier run read back without starting Ray; then every trial's export. A
+    child run is FINISHED once its model is exported and logged."""
+    trained = {trial.name: result for trial in trials if (result := finished_result(trial))}
+    if trained:
+        print(f"train: {len(trained)} of {len(trials)} trials were trained before, read from their Ray Train "
+              f"runs: {', '.join(sorted(trained))}", flush=True)
+    results = []
+    for trial in (trial for trial in trials if trial.name in trained):
+        trial_run(runs, parent_id, params, trial)  # its MLflow child run: found, or made anew for a store that lost it
+        results.append(tune_result(trial, trained[trial.name]))
+    results += tune_grid(study, [trial for trial in trials if trial.name not in trained], runs, parent_id, params)
+    if failed := [result for result in results if result.error]:
+        raise RuntimeError(failure_report(study, failed, len(results)))
 
-    mlflow_callback = MLflowTrialCallback(runs, parent_id, params)
-    tuner = ray.tune.Tuner(
-        ray.tune.with_resources(run_trial, {"cpu": 0, "memory": 1e6}),
-        param_space={"trial": ray.tune.grid_search(trials)},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=study.ray.max_concurrent_trials,
-                                        reuse_actors=study.ray.reuse_actors),
-        run_config=ray.tune.RunConfig(
-            name=f"{name}-{digest}-tune",
-            storage_path=storage,
-            callbacks=[mlflow_callback],
-            verbose=1,
-        ),
-    )
-    results = tuner.fit()
-    if logged := mlflow_callback.log_seconds:
-        print(f"train: MLflow logging took {1e3 * sum(logged) / len(logged):.1f} ms per epoch (mean of {len(logged)})")
-    errors = [r.error for r in results if r.error]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {len(results)} trials failed; first error: {errors[0]}")
+    return export_models(study, results, runs, parent_id)
 
-    models_dir = workspace.path(workspace.MODELS, study=name)
-    shutil.rmtree(models_dir, ignore_errors=True)
+
+def export_models(study: StudySpec, results: Iterable[ray.tune.Result], runs: StudyRuns, parent_id: str) -> list[dict]:
+    """Every trial's bundle, trials.json and the training curves, swapped in together once all are
+    written (nnmamba.atomic): a failure (a full disk) leaves the previous export and curves as they
+    were. Child runs end FINISHED only after the swap, else FAILED with the error."""
+    models_dir = workspace.path(workspace.MODELS, study=study.name)
     children = runs.children(parent_id)
-    register = study.mlflow.register_models
-    rows = []
-    for result in sorted(results, key=lambda r: r.config["trial"].name):
-        trial: TrialSpec = result.config["trial"]
-        # Registered as `<experiment>-<backbone>[-<variant>]`: nnmamba-seg-brats2023-nnmamba-miccss, ...-segresnet.
-        registered = f"{experiment_name(study)}-{trial.backbone}" if register else None
-        if registered and trial.backbone == NNMAMBA:
-            registered += f"-{trial.variant}"
-        rows.append(export_trial(result, trial, models_dir / trial.name, children[trial.name], registered))
-        runs.end(children[trial.name])
-    workspace.write_json(workspace.path(workspace.TRIALS, study=name),
-                         {"parent_run_id": parent_id, "config_hash": digest, "trials": rows})
-    write_curves(runs, rows, get_task(study.task).selection_metric,
-                 workspace.path(workspace.TRAIN_CURVES, study=name))
+    finished = sorted(results, key=lambda r: r.config["trial"].name)
+    trial_runs = [children[result.config["trial"].name] for result in finished]
+    try:
+        with staged() as staging:
+            partial = staging.directory(models_dir)
+            rows = [export_trial(result, result.config["trial"], partial, models_dir, runs, run_id,
+                                 registered_name(study, result.config["trial"]))
+                    for result, run_id in zip(finished, trial_runs)]
+            write_new(partial / Path(workspace.TRIALS).name, workspace.json_text(
+                {"parent_run_id": parent_id, "config_hash": finished[0].config["trial"].digest, "trials": rows}))
+            staging.file(workspace.path(workspace.TRAIN_CURVES, study=study.name),
+                         training_curves(runs, rows, get_task(study.task).selection_metric))
+    except BaseException as error:
+        for run_id in trial_runs:
+            runs.end(run_id, error)
+        raise
+    for run_id in trial_runs:
+        runs.end(run_id)
     return rows
 
 
-def write_curves(runs: StudyRuns, rows: list[dict], metric: str, path: Path) -> None:
-    """Per-epoch training curves of every trial, read back from MLflow so restarts keep their history."""
+def registered_name(study: StudySpec, trial: TrialSpec) -> str | None:
+    """`<experiment>-<backbone>[-<variant>]` (nnmamba-seg-brats2023-nnmamba-miccss, ...-segresnet), or None
+    when the study registers no models."""
+    if not study.mlflow.register_models:
+        return None
+    name = f"{experiment_name(study)}-{trial.backbone}"
+    return f"{name}-{trial.variant}" if trial.backbone == NNMAMBA else name
+
+
+def training_curves(runs: StudyRuns, rows: list[dict], metric: str) -> str:
+    """Per-epoch training curves of every trial as CSV, read back from MLflow so restarts keep their history."""
     frames = []
     for row in rows:
         history = {
@@ -350,14 +452,16 @@ def write_curves(runs: StudyRuns, rows: list[dict], metric: str, path: Path) -> 
         frame = pd.DataFrame(history).rename_axis("epoch").reset_index()
         frame.insert(0, "trial", workspace.trial_name(row["variant"], row["seed"], row["fold"]))
         frames.append(frame)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.concat(frames).to_csv(path, index=False)
+    return pd.concat(frames).to_csv(index=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="key under `studies` in params.yaml")
-    train(parser.parse_args().study)
+    try:
+        train(parser.parse_args().study)
+    except WriteError as error:
+        sys.exit(f"train: {error}")
 
 
 if __name__ == "__main__":

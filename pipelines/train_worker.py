@@ -4,14 +4,17 @@ Every epoch: fixed-step training on the task's batches, validation sharded over 
 (skipped without a validation split), then one `ray.train.report` with a checkpoint from rank 0.
 On restart (worker failure, or the stage re-run with the same configuration) the loop resumes
 from the latest checkpoint; a fresh trial of a transfer study starts from the upstream study's
-model of the same variant and seed (`TrialSpec.init_dir`).
+model of the same variant and seed (`TrialSpec.init_dir`). A diverging loss fails the trial at
+once, naming it, and unretried (`pipelines.failures`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import ray.train
@@ -25,6 +28,7 @@ from nnmamba.checkpoint import load_bundle, model_from_arch
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON
 from nnmamba.engine import (DDP_OPTIONS, CapturedTrainStep, amp_dtype, build_optimizer, build_schedule,
                             WaitTimedBatches, capture_ready_stream, repeat_batches, train_epoch)
+from pipelines.failures import TrialDiverged
 from pipelines.params import TrialSpec
 from pipelines.tasks import Task, get_task
 
@@ -96,6 +100,40 @@ def _validate(task: Task, model: nn.Module, trial: TrialSpec, device: torch.devi
     return task.summarise(_gather(records))
 
 
+def _describe(trial: TrialSpec) -> str:
+    """The trial as an error names it: `study brats2023, nnmamba/mic seed 0` (`, fold 2` in a k-fold study)."""
+    row = trial.backbone if trial.variant == trial.backbone else f"{trial.backbone}/{trial.variant}"
+    return f"study {trial.study.name}, {row} seed {trial.seed}" + ("" if trial.fold is None else f", fold {trial.fold}")
+
+
+def _epoch_loss(trial: TrialSpec, epoch: int, run_steps, initial_loss: float | None,
+                device: torch.device) -> tuple[float, float]:
+    """Train one epoch: (the first step's loss, the epoch's mean loss), both averaged over the workers.
+
+    The trial fails, unretried (pipelines.failures), once its loss diverged: not finite, or an
+    epoch's mean above `train.divergence_factor` x the first step's. That step's loss is the
+    untrained (or upstream) network's, so the first epoch runs as that step, then the rest; the
+    first epoch's mean would not do, as a loss that explodes within it is already in it (lr 1e6:
+    4e11 in epoch 1, 1e10 after). Every worker decides alike, on the means.
+    """
+    steps = trial.study.train.steps_per_epoch
+    try:
+        if initial_loss is None:
+            first = run_steps(1)
+            initial_loss = _mean_over_workers(first, device)
+            loss = first if steps == 1 else (first + (steps - 1) * run_steps(steps - 1)) / steps
+        else:
+            loss = run_steps(steps)
+    except FloatingPointError as error:  # the engine's non-finite step loss, on this worker
+        raise TrialDiverged(f"{_describe(trial)}: training diverged at epoch {epoch}: {error}") from error
+    loss = _mean_over_workers(loss, device)
+    factor = trial.study.train.divergence_factor
+    if not math.isfinite(loss) or loss > factor * initial_loss:
+        raise TrialDiverged(f"{_describe(trial)}: training diverged at epoch {epoch}: mean train loss {loss:.4g} "
+                            f"is above {factor:g} x the first step's {initial_loss:.4g} (train.divergence_factor)")
+    return initial_loss, loss
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`; `config["trial"]` is the TrialSpec (pipelines/params.py)."""
     entered = time.perf_counter()
@@ -128,6 +166,7 @@ def train_loop(config: dict) -> None:
     start_epoch = state["epoch"] if state else 0
     val_metrics = state["val_metrics"] if state else {}
     best = state["best"] if state else None
+    initial_loss = state.get("initial_loss") if state else None
 
     dataset_dir = Path(trial.dataset_dir)
     index = json.loads((dataset_dir / DATASET_JSON).read_text())
@@ -135,10 +174,12 @@ def train_loop(config: dict) -> None:
                                seed=trial.seed * 1_000 + start_epoch, rank=rank, world_size=world,
                                pin_memory=device.type == "cuda")
     batches = WaitTimedBatches(repeat_batches(loader))
-    loss_fn = task.loss(train)
+    loss_fn = task.loss(train, trial.loss)
     captured = CapturedTrainStep(model, loss_fn, optimizer, dtype) if graphed else None
     metric, mode = task.selection(bool(trial.val_cases))
     better = max if mode == "max" else min
+    run_steps = partial(train_epoch, model, batches, loss_fn, optimizer, device=device, dtype=dtype,
+                        channels_last=train.channels_last, captured_step=captured)
     # Where a trial's time goes: worker start-up (first epoch after each start only), the train steps
     # and the part of them spent waiting for the loader, the validation, the whole epoch; and
     # wall-clock from the trial's start to its first step.
@@ -146,15 +187,14 @@ def train_loop(config: dict) -> None:
               "trial_start_to_train_s": time.time() - config["trial_started_at"]}
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
-        loss = train_epoch(model, batches, loss_fn, optimizer, train.steps_per_epoch, device, dtype,
-                           train.channels_last, captured)
+        initial_loss, train_loss = _epoch_loss(trial, epoch + 1, run_steps, initial_loss, device)
         timing["train_time_s"] = time.perf_counter() - started
         timing["loader_wait_s"] = batches.take_waited_s()
         due = not val_metrics or (epoch + 1) % train.val_every == 0 or epoch + 1 == train.epochs
         if trial.val_cases and due:
             val_metrics = _validate(task, bare, trial, device, dtype)
         timing["val_time_s"] = time.perf_counter() - started - timing["train_time_s"]
-        metrics = {"epoch": epoch + 1, "train_loss": _mean_over_workers(loss, device), **val_metrics}
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, **val_metrics}
         best = metrics[metric] if best is None else better(best, metrics[metric])
         metrics |= {f"best_{metric}": best, "epoch_time_s": time.perf_counter() - started,
                     "lr": float(optimizer.param_groups[0]["lr"]), **timing}
@@ -165,7 +205,7 @@ def train_loop(config: dict) -> None:
             checkpoint = None
             if rank == 0:
                 torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                            "val_metrics": val_metrics, "best": best,
+                            "val_metrics": val_metrics, "best": best, "initial_loss": initial_loss,
                             "schedule": schedule.state_dict() if schedule else None}, Path(directory) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)

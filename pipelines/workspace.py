@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nnmamba.atomic import write_file
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,9 +108,11 @@ def load_summary(study: str) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+def json_text(payload: Any) -> str:
+    """A JSON record as the stages write it: indented, keys sorted, paths and dates as strings."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json(file: Path, payload: Any) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves a half-written output."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(file)
+    """Replace a JSON record atomically (nnmamba.atomic): a failure leaves the old one and no partial file."""
+    write_file(file, json_text(payload))

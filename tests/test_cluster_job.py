@@ -4,22 +4,34 @@ data from a separate workspace (NNMAMBA_WORKSPACE, the stand-in for shared stora
 over HTTP to a real `mlflow server`. Once the trial's first checkpoint is registered its Ray Train
 worker process is killed; the trial must resume from that checkpoint and finish its epochs in
 the same MLflow child run. Everything is read back through MLflow's REST API.
+
+A second job goes through docs/cluster.md's single-host route as written: this module's own head
+(`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head`, which must listen on 127.0.0.1 only) and
+the default SQLite store in the workspace. Once it has finished, Ray is stopped and its temporary
+files (the job's uploaded copy of the code among them) deleted; the registered model must still load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 import requests
+import torch
+from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, CLUSTER_STUDY, free_port
+from nnmamba.checkpoint import load_bundle
+from pipelines import SINGLE_MACHINE_ENV
+from tests.conftest import BIN, CLUSTER_STUDY, _wait_for_head, free_port
+from tests.listening import is_loopback, listening_sockets
 
 pytestmark = pytest.mark.slow
 
@@ -201,3 +213,100 @@ def test_local_run_never_joins_a_running_cluster(ray_cluster):
     assert out.returncode == 0, out.stderr[-2000:]
     gcs = out.stdout.split("GCS=")[1].strip()
     assert gcs != ray_cluster["address"] and "using a private local Ray" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def single_host_head(tmp_path_factory):
+    """docs/cluster.md's one-machine head, this module's own: stopping it leaves the session's cluster up.
+    Its job agent and Ray Client ports are not the defaults, which the session's head holds."""
+    port, dashboard, agent, client = free_port(), free_port(), free_port(), free_port()
+    temp_dir = tmp_path_factory.mktemp("ray1")
+    subprocess.run([BIN / "ray", "get-auth-token", "--generate"], check=True, capture_output=True)
+    # Not the test process's MLflow store: the job must find the workspace's default one.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    log = temp_dir / "ray_start.log"
+    with log.open("w") as output:
+        head = subprocess.Popen(
+            [BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+             f"--ray-client-server-port={client}", "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
+            stdout=output, stderr=subprocess.STDOUT,
+            env={**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "RAY_AUTH_MODE": "token", SINGLE_MACHINE_ENV: "0"},
+        )
+    _wait_for_head(head, log)
+    yield {"process": head, "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir}
+    if head.poll() is None:
+        head.terminate()
+        head.wait(timeout=120)
+
+
+def submitted(env: dict, *args) -> bool:
+    """`ray job submit` with `args`; False while a head just started has no job agent up yet."""
+    try:
+        ray_cli(env, "job", "submit", *args)
+    except AssertionError as error:
+        if "No available agent to submit job" in str(error):
+            return False
+        raise
+    return True
+
+
+@pytest.fixture(scope="module")
+def stopped_job(single_host_head, cluster_project, tmp_path_factory):
+    """README's `ray job submit --working-dir . -- NNMAMBA_WORKSPACE=... python -m pipelines.train`, with
+    the default MLflow store; then Ray stopped and its temporary directory removed."""
+    code, head = cluster_project["code"], single_host_head["process"]
+    workspace = tmp_path_factory.mktemp("sqlite_workspace")
+    shutil.copytree(cluster_project["workspace"] / "data", workspace / "data")
+    dashboard, env = single_host_head["dashboard"], {"RAY_AUTH_MODE": "token"}
+    submission = f"nnmamba-train-{uuid.uuid4().hex[:8]}"
+    wait_for(lambda: submitted(env, "--address", dashboard, "--submission-id", submission, "--no-wait",
+                               "--working-dir", code, "--runtime-env", code / "ray_configs" / "runtime_env.yaml",
+                               "--", f"NNMAMBA_WORKSPACE={workspace}", "python", "-m", "pipelines.train", STUDY),
+             120, "the new head's job agent", interval=2)
+    sockets = set()
+
+    def finished() -> bool:
+        sockets.update(map(tuple, listening_sockets(head.pid)))   # the job's driver and workers included
+        return job_info(env, dashboard, submission)["status"] in TERMINAL
+
+    wait_for(finished, 900, "the job to finish", interval=2)
+    info, logs = job_info(env, dashboard, submission), ray_cli(env, "job", "logs", "--address", dashboard, submission)
+    copies = [p for p in single_host_head["temp_dir"].glob("session_*/runtime_resources/working_dir_files/*")
+              if p.is_dir()]
+    head.terminate()
+    head.wait(timeout=120)
+    shutil.rmtree(single_host_head["temp_dir"])   # Ray's session files: gone after a reboot, if not before
+    return {"status": info["status"], "logs": logs, "workspace": workspace, "sockets": sorted(sockets),
+            "copies": copies}
+
+
+def test_the_single_host_head_and_its_job_listen_on_loopback_only(stopped_job):
+    sockets = stopped_job["sockets"]
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RayTrainWorker"} <= {s[0] for s in sockets}, sockets
+    exposed = [s for s in sockets if not is_loopback(s[1])]
+    # The one exception (docs/cluster.md): torch.distributed's rendezvous store, which the trial's
+    # rank-0 Ray Train worker opens for the trial, listens on every interface whatever MASTER_ADDR
+    # says; torch 2.13 has no option to bind it elsewhere.
+    rendezvous = [s for s in exposed if s[0].startswith("ray::RayTrainWorker")]
+    assert exposed == rendezvous and len({port for _, _, port in rendezvous}) == 1, exposed
+
+
+def test_the_registered_model_loads_after_ray_is_stopped(stopped_job):
+    assert stopped_job["status"] == "SUCCEEDED", stopped_job["logs"][-5000:]
+    assert stopped_job["copies"], "the job did not run in a temporary copy of the code: the test proves nothing"
+    workspace = stopped_job["workspace"].resolve()
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert Path(experiment.artifact_location).is_relative_to(workspace), experiment.artifact_location
+    runs = client.search_runs([experiment.experiment_id])
+    assert runs and all(r.info.artifact_uri.startswith(str(workspace)) for r in runs)
+    name = f"{EXPERIMENT}-nnmamba-mic"
+    [version] = client.search_model_versions(f"name = '{name}'")
+    mlflow.set_tracking_uri(uri)
+    logged = mlflow.pytorch.load_model(f"models:/{name}/{version.version}").eval()
+    exported, arch = load_bundle(workspace / "models" / STUDY / "mic-seed0")
+    x = torch.randn(1, arch["in_channels"], *arch["input_shape"])
+    with torch.no_grad():
+        torch.testing.assert_close(logged(x), exported(x))

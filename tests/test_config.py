@@ -109,9 +109,21 @@ def test_each_backbone_trains_with_its_own_recipe_unless_shared(tmp_path):
     assert own["segresnet"] == {"name": "adam", "lr": 0.01, "weight_decay": 0.0}                   # overridden
     assert own["nnunet"] == {"name": "sgd", "lr": 0.01, "weight_decay": 3e-5, "momentum": 0.99,    # nnUNetTrainer's
                              "nesterov": True, "schedule": "poly"}
+    losses = {b: train.loss_for("segmentation", b) for b in train.backbones}
+    assert losses == {"nnmamba": "dice_ce", "unetr": "dice_ce", "vnet": "dice_ce", "segresnet": "dice",
+                      "nnunet": "dice_ce"}
+    assert train.loss_for("segmentation", "segmamba") == "ce"                                      # SegMamba's CE alone
+    assert train.loss_for("classification", "resnet") is None
+    params["studies"]["brats2023"]["train"]["backbone_losses"] = {"segresnet": "ce"}
+    assert load_params(write_params(tmp_path, params)).study("brats2023").train.loss_for("segmentation",
+                                                                                          "segresnet") == "ce"
     params["studies"]["brats2023"]["train"]["recipe"] = "shared"
     shared = load_params(write_params(tmp_path, params)).study("brats2023").train
     assert {shared.optimizer_for("segmentation", b).lr for b in shared.backbones} == {0.002}
+    assert {shared.loss_for("segmentation", b) for b in (*shared.backbones, "segmamba")} == {"dice_ce"}
+    params["studies"]["brats2023"]["train"]["backbone_losses"] = {"segresnet": "focal"}
+    with pytest.raises(ParamsError, match="focal"):
+        load_params(write_params(tmp_path, params))
 
 
 def test_benchmark_profile_runs_every_available_backbone_where_its_input_fits(tmp_path):

@@ -74,3 +74,13 @@ def test_loss_and_gradient_are_the_same_for_channels_last_output(task: str) -> N
         results.append((loss.detach(), leaf.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-15)
+
+
+def test_each_segmentation_loss_matches_its_hand_written_terms() -> None:
+    labels, logits = labels_and_noise(seed=3)
+    cross_entropy = F.cross_entropy(logits, labels[:, 0])
+    torch.testing.assert_close(build_loss("segmentation", terms="ce")(logits, labels), cross_entropy)
+    torch.testing.assert_close(build_loss("segmentation", terms="dice")(logits, labels),
+                               reference_dice_ce(logits, labels) - cross_entropy)
+    with pytest.raises(ValueError, match=r"'focal'.*dice_ce, dice, ce"):
+        build_loss("segmentation", terms="focal")

@@ -18,7 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nnmamba.atomic import write_file  # noqa: E402
 from nnmamba.models import available_variants  # noqa: E402
+from pipelines.reports.figures import save_png  # noqa: E402
 from pipelines.reports.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
 from pipelines.workspace import load_summary  # noqa: E402
 
@@ -77,8 +79,7 @@ def ablation_chart(studies: dict[str, str], summaries: dict[str, dict], path: Pa
         ax.tick_params(axis="x", labelsize=8, rotation=20)
     fig.suptitle("nnMamba ablation (Table 5 shape)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def ablation_report(studies: dict[str, str], out_dir: Path) -> list[Path]:
@@ -88,6 +89,6 @@ def ablation_report(studies: dict[str, str], out_dir: Path) -> list[Path]:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     table, chart = out_dir / "ablation_table5.md", out_dir / "ablation_table5.png"
-    table.write_text(ablation_table(studies, summaries))
+    write_file(table, ablation_table(studies, summaries))
     ablation_chart(studies, summaries, chart)
     return [table, chart]

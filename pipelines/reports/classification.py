@@ -12,9 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from nnmamba.atomic import write_file  # noqa: E402
 from pipelines import workspace  # noqa: E402
 from pipelines.params import StudySpec  # noqa: E402
 from pipelines.reports.complexity import COUNTER, RowComplexity, row_complexity, shape_label  # noqa: E402
+from pipelines.reports.figures import save_png  # noqa: E402
 from pipelines.reports.tables import cell, markdown_table, row_label  # noqa: E402
 from pipelines.tasks.classification import probability_columns  # noqa: E402
 from pipelines.tasks.scoring import trial_keys  # noqa: E402
@@ -58,8 +60,7 @@ def roc_chart(title: str, per_case: pd.DataFrame, summary: dict, path: Path) -> 
     ax.set_title(f"{title}: test ROC, one curve per seed")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def classification_study(study: StudySpec, out_dir: Path) -> dict | None:
@@ -81,8 +82,8 @@ def classification_reports(studies: list[StudySpec], out_dir: Path) -> list[Path
         results = [result for result in evaluated if result["dataset"] == dataset]
         table = out_dir / f"{dataset}_classification_table.md"
         first = results[0]["study"]
-        table.write_text(classification_table(dataset, {r["title"]: r["summary"] for r in results},
-                                              row_complexity(first.name), first.prepare.shape))
+        write_file(table, classification_table(dataset, {r["title"]: r["summary"] for r in results},
+                                                row_complexity(first.name), first.prepare.shape))
         for result in results:
             attach_to_parent_run(result["study"], [table, result["roc"]])
         tables.append(table)

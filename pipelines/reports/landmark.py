@@ -13,12 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nnmamba.atomic import write_file  # noqa: E402
 from nnmamba.data.layouts import get_layout  # noqa: E402
 from nnmamba.data.readers.landmarks import read_landmarks  # noqa: E402
 from nnmamba.heatmaps import world_to_voxel  # noqa: E402
 from pipelines import workspace  # noqa: E402
 from pipelines.params import StudySpec  # noqa: E402
 from pipelines.reports.complexity import COUNTER, RowComplexity, row_complexity, shape_label  # noqa: E402
+from pipelines.reports.figures import save_png  # noqa: E402
 from pipelines.reports.tables import cell, markdown_table, row_label  # noqa: E402
 from pipelines.tracking import attach_to_parent_run  # noqa: E402
 
@@ -77,8 +79,7 @@ def landmark_figure(study: str, names: list[str], trials: list[dict], path: Path
                title="o true, x predicted (projected onto the slice)", title_fontsize=8)
     fig.suptitle(f"{study}: test case {case_id}")
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def landmark_reports(studies: list[StudySpec], out_dir: Path) -> list[Path]:
@@ -91,8 +92,8 @@ def landmark_reports(studies: list[StudySpec], out_dir: Path) -> list[Path]:
             continue
         names = list(get_layout(study.dataset.layout).labels.values())
         table, figure = out_dir / f"{study.name}_table.md", out_dir / f"{study.name}_landmarks.png"
-        table.write_text(landmark_table(study.name, summary, names, row_complexity(study.name),
-                                        study.train.patch_size))
+        write_file(table, landmark_table(study.name, summary, names, row_complexity(study.name),
+                                          study.train.patch_size))
         landmark_figure(study.name, names, workspace.load_trials(study.name)["trials"], figure)
         attach_to_parent_run(study, [table, figure])
         tables.append(table)

@@ -20,6 +20,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 
 from nnmamba.predict import file_ending  # noqa: E402
 from pipelines import workspace  # noqa: E402
+from pipelines.reports.figures import save_png  # noqa: E402
 
 LABEL_ALPHA = 0.55
 WINDOW_PERCENTILES = (1, 99)
@@ -52,8 +53,7 @@ def overlay_figure(study: str, n_cases: int, path: Path) -> Path | None:
         volumes = _canonical(image_path, entry["raw_label"], predictions)
         _draw_row(row, case_id, volumes, list(first_seed), n_labels)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
     return path
 
 

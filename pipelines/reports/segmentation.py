@@ -12,9 +12,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nnmamba.atomic import write_file  # noqa: E402
 from pipelines import workspace  # noqa: E402
 from pipelines.params import ReportSpec, StudySpec  # noqa: E402
 from pipelines.reports.complexity import COUNTER, PAPER_PATCH, RowComplexity, row_complexity, shape_label  # noqa: E402
+from pipelines.reports.figures import save_png  # noqa: E402
 from pipelines.reports.organs import organ_groups, test_set_label  # noqa: E402
 from pipelines.reports.overlays import overlay_figure  # noqa: E402
 from pipelines.reports.tables import cell, markdown_table, row_label  # noqa: E402
@@ -60,8 +62,7 @@ def dice_chart(study: str, summary: dict, regions: list[str], path: Path) -> Non
     ax.set_title(f"{study}: test Dice, mean ± std over seeds")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def segmentation_report(study: StudySpec, summary: dict, overlay_cases: int, out_dir: Path) -> list[Path]:
@@ -73,12 +74,12 @@ def segmentation_report(study: StudySpec, summary: dict, overlay_cases: int, out
     table, chart = out_dir / f"{name}_table.md", out_dir / f"{name}_dice.png"
     files = [table]
     if summary:
-        table.write_text(segmentation_tables(name, summary, regions, row_complexity(name), study.train.patch_size))
+        write_file(table, segmentation_tables(name, summary, regions, row_complexity(name), study.train.patch_size))
         dice_chart(name, summary, regions, chart)
         files.append(chart)
     else:
-        table.write_text(f"## {name}\n\nNo labelled test case: the predictions in predictions/{name}/ are for "
-                         "the dataset's own evaluation (AMOS: the challenge site).\n")
+        write_file(table, f"## {name}\n\nNo labelled test case: the predictions in predictions/{name}/ are for "
+                           "the dataset's own evaluation (AMOS: the challenge site).\n")
     overlays = overlay_figure(name, overlay_cases, out_dir / f"{name}_overlays.png")
     return files + ([overlays] if overlays else [])
 
@@ -120,7 +121,7 @@ def segmentation_reports(studies: list[StudySpec], settings: ReportSpec, out_dir
         tables.append(files[0])
     for group, members in organ_groups(studies).items():
         table = out_dir / f"{group}_table2.md"
-        table.write_text(organ_table(group, [resolve_study(study) for study in members]))
+        write_file(table, organ_table(group, [resolve_study(study) for study in members]))
         for study in members:
             attach_to_parent_run(study, [table])
         tables.append(table)

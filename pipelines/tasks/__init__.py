@@ -51,7 +51,7 @@ class Task:
     - `resolve(study, index)`: the study with its dataset-dependent settings made concrete.
     - `train_loader(study, dataset_dir, index, case_ids, seed, rank, world_size, pin_memory)`: the
       training batches, finite (the loop cycles it) or endless.
-    - `loss(train)`, `validate(model, dataset_dir, case_ids, study, device, dtype)` -> per-case
+    - `loss(train, name)` (`name`: the trial's `TrainSpec.loss_for`), `validate(model, dataset_dir, case_ids, study, device, dtype)` -> per-case
       records of one worker, `summarise(records of all workers)` -> `val_*` metrics, whose
       `selection_metric` picks a trial's checkpoint (`selection_mode`: max or min).
     - `input_shape(study)`: the spatial shape the network is fed (the MLflow model's example input).
@@ -68,7 +68,7 @@ class Task:
     split: Callable[[StudySpec, dict], dict[str, list[str]]]
     resolve: Callable[[StudySpec, dict], StudySpec]
     train_loader: Callable[..., Iterable[Mapping[str, Any]]]
-    loss: Callable[[TrainSpec], nn.Module]
+    loss: Callable[[TrainSpec, str | None], nn.Module]
     validate: Callable[..., list[dict[str, Any]]]
     summarise: Callable[[list[dict[str, Any]]], dict[str, float]]
     input_shape: Callable[[StudySpec], Sequence[int]]

@@ -133,7 +133,7 @@ TASK = Task(
     split=split,
     resolve=lambda study, index: study,
     train_loader=train_loader,
-    loss=lambda train: build_loss("landmark", foreground_weight=train.heatmap.foreground_weight),
+    loss=lambda train, _: build_loss("landmark", foreground_weight=train.heatmap.foreground_weight),
     validate=validate,
     summarise=summarise,
     input_shape=lambda study: study.train.patch_size,

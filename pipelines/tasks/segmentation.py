@@ -36,7 +36,7 @@ from nnmamba.ensemble import load_models
 from nnmamba.losses import build_loss
 from nnmamba.metrics import per_class_regions, segmentation_metrics
 from nnmamba.models import available_variants, build_model
-from nnmamba.predict import file_ending, segment_preprocessed
+from nnmamba.predict import file_ending, save_label_map, segment_preprocessed
 from pipelines import workspace
 from pipelines.params import ReportSpec, StudySpec
 from pipelines.tasks import Evaluator, Scored, Task
@@ -170,7 +170,7 @@ def save_label_maps(scored: Scored, out_root: Path, trial: str) -> None:
     """Each label map as `<trial>/<case><ending>`, in the raw image's own format (.nii.gz, .nrrd, .mha, ...)."""
     (out_root / trial).mkdir(parents=True, exist_ok=True)
     for row, (labels, ending) in scored:
-        labels.save(out_root / trial / f"{row['case_id']}{ending}")
+        save_label_map(labels, out_root / trial / f"{row['case_id']}{ending}")
 
 
 def report(studies: list[StudySpec], settings: ReportSpec, out_dir: Path) -> list[Path]:
@@ -189,7 +189,7 @@ TASK = Task(
     split=split,
     resolve=resolve,
     train_loader=train_loader,
-    loss=lambda train: build_loss("segmentation"),
+    loss=lambda train, terms: build_loss("segmentation", terms=terms or "dice_ce"),
     validate=validate,
     summarise=summarise,
     input_shape=lambda study: study.train.patch_size,

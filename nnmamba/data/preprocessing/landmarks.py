@@ -16,10 +16,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nnmamba.atomic import staged_directory
 from nnmamba.data.errors import DataError
 from nnmamba.data.readers.landmarks import LandmarkCaseFiles, check_inside, read_landmarks
 from nnmamba.data.preprocessing.plan import Preprocessing
-from nnmamba.data.preprocessing.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, preprocess_subject, staged_directory
+from nnmamba.data.preprocessing.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, preprocess_subject
 
 
 def prepare_landmark_dataset(

@@ -12,13 +12,9 @@ native spacing.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 import warnings
 from functools import partial
-from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +23,7 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
+from nnmamba.atomic import staged_directory
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
 from nnmamba.data.parallel import map_cases
@@ -383,45 +380,6 @@ def _label_names(label_values: Collection[int] | None, seen_labels: set[int]) ->
         return {str(int(v)): str(name) for v, name in sorted(label_values.items())}
     values = sorted(seen_labels if label_values is None else {int(v) for v in label_values})
     return {str(v): str(v) for v in values}
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Rename ``new`` onto ``target``; an existing ``target`` is restored if the swap fails.
-
-    rename(2) cannot replace a non-empty directory, hence the move-aside.
-    """
-    if not target.exists():
-        os.rename(new, target)
-        return
-    aside = new.with_name(new.name + ".old")
-    os.rename(target, aside)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    shutil.rmtree(aside)
-
-
-@contextmanager
-def staged_directory(out_dir: Path) -> Iterator[Path]:
-    """A fresh sibling of ``out_dir`` to write into; it replaces ``out_dir`` when the block succeeds.
-
-    On any error it is removed and a pre-existing ``out_dir`` stays exactly as it was, so a
-    dataset written through it is never half-replaced.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling (same filesystem, so the final rename is atomic); plain mkdir rather
-    # than mkdtemp so the result gets the usual umask permissions.
-    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
-    staging.mkdir()
-    try:
-        yield staging
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def load_preprocessed(dataset_dir: Path, case_id: str) -> tio.Subject:

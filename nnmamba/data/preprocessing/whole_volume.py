@@ -18,9 +18,10 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
+from nnmamba.atomic import staged_directory
 from nnmamba.data.cases import ClassifiedCase
 from nnmamba.data.errors import DataError
-from nnmamba.data.preprocessing.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, staged_directory
+from nnmamba.data.preprocessing.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case
 
 MASK_KEY = "head"
 
