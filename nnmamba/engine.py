@@ -191,7 +191,10 @@ class CapturedTrainStep:
             self.static = {"image": image.clone(), "target": target.clone()}
             self.graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
+            # thread_local: the loader's pin-memory thread keeps allocating and querying pinned host
+            # blocks (CUDA calls a global-mode capture forbids in any thread), which invalidated the
+            # mic trial's capture once the loader fetched without pause (H100, 6e186aa).
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.static["loss"] = self._step(self.static["image"], self.static["target"])
         else:
             self.static["image"].copy_(image)
