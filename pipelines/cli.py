@@ -1,10 +1,11 @@
 """The `nnmamba` command line.
 
     nnmamba predict --model models/amos_ct/miccss-seed0 --input scans/ --output labels/ [--tta] [--device cpu]
-    nnmamba predict --model models:/nnmamba-seg-amos_ct-nnmamba-miccss/1 --input amos_0507.nii.gz --output labels/
+    nnmamba predict --model models:/nnmamba-seg-amos_ct-nnmamba-miccss@best --input amos_0507.nii.gz --output labels/
 
 `--model` is a model bundle folder (what `dvc repro` exports to `models/<study>/<variant>-seed<seed>/`)
-or a registered MLflow model, `models:/<name>/<version>` (tracking URI: `--tracking-uri`, else
+or a registered MLflow model, `models:/<name>/<version>` or `models:/<name>@<alias>` (`@best`: the
+version with the best validation score, pipelines/registry.py) (tracking URI: `--tracking-uri`, else
 MLFLOW_TRACKING_URI, else params.yaml's `mlflow.tracking_uri`). The prediction itself is the library's
 (`nnmamba.predict`); this module only resolves the model, so the library never imports MLflow.
 """
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     predict_parser = commands.add_parser("predict", help="segment raw images with a trained model")
-    predict_parser.add_argument("--model", required=True, help="model bundle folder or models:/<name>/<version>")
+    predict_parser.add_argument("--model", required=True,
+                                help="model bundle folder, models:/<name>/<version> or models:/<name>@best")
     predict_parser.add_argument("--input", required=True, help="an image file or a folder of image files")
     predict_parser.add_argument("--output", required=True, help="folder for the label files")
     predict_parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 views)")

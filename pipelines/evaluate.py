@@ -5,8 +5,10 @@ One Ray task per trained model (CPU or GPU, from `evaluate.resources`) runs its 
 annotation (segmentation: label maps mapped back onto the raw grid, per region or class;
 landmarks: world points against the raw points file; classification: class probabilities, with
 ACC, F1 and AUC over the whole test set of each seed). This driver writes the predictions, the
-per-case CSV, the summary JSON (DVC metrics: mean ± std over seeds per variant) and MLflow: test
-metrics in each child run, mean/std over seeds in the parent run. With `evaluate.ensemble_folds`,
+per-case CSV, the summary JSON (mean ± std over seeds per variant and metric), the headline
+(DVC metrics, `summary/<study>/<variant>.json`: the task's headline test metric, mean ± std and
+n, one row per variant in `dvc metrics show`) and MLflow: test
+metrics in each child run, mean/std over seeds as the parent run's `test_summary.json` table. With `evaluate.ensemble_folds`,
 a k-fold study's folds of each (row, seed) also predict as one model (their logits averaged, as
 nnunetv2 ensembles folds), written beside as `test_ensemble_*` and `<trial>-ensemble/` predictions.
 
@@ -24,7 +26,7 @@ import pandas as pd
 import ray
 from tqdm import tqdm
 
-from nnmamba.atomic import Staging, WriteError, staged, writing
+from nnmamba.atomic import Staging, WriteError, staged, write_new, writing
 from pipelines import workspace
 from pipelines.cluster import connect_ray
 from pipelines.params import StudySpec, load_params
@@ -46,20 +48,37 @@ def summarise(per_seed: pd.DataFrame) -> dict:
     return summary
 
 
+def headline(per_seed: pd.DataFrame, metric: str) -> dict[str, dict]:
+    """Per variant, the one metric `dvc metrics show` tables: its mean and std over seeds (and folds)
+    and their number n. The full summary stays in test_summary.json, out of the metrics table."""
+    if per_seed.empty:
+        return {}
+    return {variant: {"metric": metric, "mean": float(frame[metric].mean()), "std": float(frame[metric].std(ddof=0)),
+                      "n": len(frame)}
+            for variant, frame in per_seed.groupby(level="variant")}
+
+
 def log_to_mlflow(study: StudySpec, trials: dict, per_seed: pd.DataFrame, summary: dict,
                   ensemble_summary: dict) -> None:
-    """Each seed's test metrics into its child run; `<variant>_<metric>_mean/_std` into the parent
-    run, and the fold ensembles' summary as its `test_ensemble_summary.json` artifact."""
+    """Each seed's test metrics into its child run; the parent run gets the per-variant mean and std
+    as tables (`test_summary.json`, and `test_ensemble_summary.json` for the fold ensembles) rather
+    than as metrics: one single-bar chart per variant and metric would bury the children's charts."""
     runs = StudyRuns(study, trials["config_hash"])
-    if ensemble_summary:
-        runs.client.log_dict(trials["parent_run_id"], ensemble_summary, "test_ensemble_summary.json")
+    for name, table in (("test_summary", summary), ("test_ensemble_summary", ensemble_summary)):
+        if table:
+            runs.client.log_table(trials["parent_run_id"], summary_table(table), f"{name}.json")
     if per_seed.empty:
         return
     for trial in trials["trials"]:
         runs.log_metrics(trial["run_id"], per_seed.loc[trial_key(trial, per_seed.index.names)].to_dict())
-    parent = {f"{variant}_{col}_{stat}": value
-              for variant, cols in summary.items() for col, stats in cols.items() for stat, value in stats.items()}
-    runs.log_metrics(trials["parent_run_id"], parent)
+
+
+def summary_table(summary: dict) -> pd.DataFrame:
+    """One row per variant, a `<metric>_mean` and `<metric>_std` column per metric: the comparison
+    the MLflow UI shows in the parent run's artifacts."""
+    return pd.DataFrame([{"variant": variant, **{f"{col}_{stat}": value for col, stats in cols.items()
+                                                 for stat, value in stats.items()}}
+                         for variant, cols in summary.items()])
 
 
 def fold_ensembles(trials: list[dict]) -> list[dict]:
@@ -106,6 +125,14 @@ def stage_results(staging: Staging, study: StudySpec, per_case: pd.DataFrame, pe
     return per_seed, summary
 
 
+def stage_headline(staging: Staging, study: StudySpec, per_seed: pd.DataFrame) -> None:
+    """`summary/<study>/<variant>.json` for each variant, staged with the other results: the task's
+    headline test metric (test_dice_mean, test_mre_mm_mean, test_auc)."""
+    folder = staging.directory(workspace.path(workspace.HEADLINE, study=study.name))
+    for variant, row in headline(per_seed, get_task(study.task).evaluator.headline).items():
+        write_new(folder / f"{variant}.json", workspace.json_text(row))
+
+
 def evaluate(name: str) -> dict:
     """Evaluate all of a study's trials (and, where asked, its fold ensembles) on its test split and
     write predictions, CSVs, JSONs and MLflow. The predictions and metrics files are written beside
@@ -125,6 +152,7 @@ def evaluate(name: str) -> dict:
             staging, study, score_models(ensembles, study, test_cases, predictions, suffix="-ensemble",
                                          desc="ensemble"),
             workspace.TEST_ENSEMBLE_PER_CASE, workspace.TEST_ENSEMBLE_SUMMARY)
+        stage_headline(staging, study, per_seed)
     log_to_mlflow(study, trials, per_seed, summary, ensemble_summary)
     return summary
 

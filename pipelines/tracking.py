@@ -40,6 +40,9 @@ def tracking_uri(settings: MlflowSpec) -> str:
     return uri
 
 
+# The experiment tag MLflow 3's UI reads and writes (its experiment-type selector) for what an
+# experiment holds: model training runs here, not GenAI traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ARTIFACTS = "mlruns"          # a database store's artifacts: beside its SQLite file, else in the workspace
 RAY_PACKAGE_PREFIX = "_ray_pkg_"   # Ray's name for a job's uploaded, temporary copy of the code
 
@@ -111,14 +114,18 @@ class StudyRuns:
         self.digest = config_digest
 
     def _experiment(self, name: str) -> str:
-        """The id of experiment `name`, created with its artifacts under `artifact_root` when missing."""
+        """The id of experiment `name`, created with its artifacts under `artifact_root` when missing,
+        and marked as model training (`EXPERIMENT_KIND`), an existing one included."""
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            check_artifact_location(experiment)
-            return experiment.experiment_id
-        root = artifact_root(self.uri)
-        location = None if root is None else str(root / re.sub(r"[^\w.-]+", "_", name))
-        return self.client.create_experiment(name, artifact_location=location)
+        if experiment is None:
+            root = artifact_root(self.uri)
+            location = None if root is None else str(root / re.sub(r"[^\w.-]+", "_", name))
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        check_artifact_location(experiment)
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
+        return experiment.experiment_id
 
     def _find(self, tags: Mapping[str, str]) -> str | None:
         query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())

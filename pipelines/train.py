@@ -42,6 +42,7 @@ import ray
 import ray.train
 import ray.tune
 import torch
+from mlflow.entities.model_registry import ModelVersion
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -49,7 +50,7 @@ from nnmamba.atomic import WriteError, staged, write_new
 from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, WEIGHTS_FILE, load_bundle, model_from_arch, save_bundle
 from nnmamba.backbones import NNMAMBA, get_backbone
 from nnmamba.models import available_variants
-from pipelines import workspace
+from pipelines import registry, workspace
 from pipelines.cluster import connect_ray
 from pipelines.failures import FailFast, cause_line
 from pipelines.params import StudySpec, TrialSpec, load_params
@@ -321,8 +322,9 @@ def export_trial(result, trial: TrialSpec, partial: Path, models_dir: Path, runs
     """Write the trial's best weights as a bundle in `partial` (the study's models folder being written,
     swapped in as `models_dir`), log them as an MLflow PyTorch model, return a summary row.
 
-    A run that already logged this checkpoint's model (a re-run of a finished stage) is not logged
-    again: that would take seconds per model and add a registered version holding the same weights.
+    A run that already logged (and, where asked, registered) this checkpoint's model (a re-run of a
+    finished stage) is not logged again: that would take seconds per model and add a registered
+    version holding the same weights.
     """
     best_path = result.metrics["best_checkpoint_path"]
     checkpoint = ray.train.Checkpoint(best_path)
@@ -335,7 +337,8 @@ def export_trial(result, trial: TrialSpec, partial: Path, models_dir: Path, runs
     example = torch.zeros(1, arch["in_channels"], *task.input_shape(trial.study)).numpy()
     # The bundle's JSON files travel with the MLflow model, so `nnmamba predict --model models:/...` works.
     extra_files = [str(bundle / name) for name in (ARCH_FILE, PREDICTION_FILE) if (bundle / name).is_file()]
-    if runs.client.get_run(run_id).data.tags.get(EXPORTED_CHECKPOINT_TAG) != best_path:
+    logged = runs.client.get_run(run_id).data.tags.get(EXPORTED_CHECKPOINT_TAG) == best_path
+    if not logged or (register_as and registry.latest_version(runs.client, register_as, run_id) is None):
         with mlflow.start_run(run_id=run_id, nested=True):
             mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
                                      serialization_format="pickle", extra_files=extra_files)
@@ -429,7 +432,35 @@ def export_models(study: StudySpec, results: Iterable[ray.tune.Result], runs: St
         raise
     for run_id in trial_runs:
         runs.end(run_id)
+    describe_versions(study, finished, rows, runs)
     return rows
+
+
+def describe_versions(study: StudySpec, finished: list[ray.tune.Result], rows: list[dict], runs: StudyRuns) -> None:
+    """Tag and describe each exported trial's registered version (pipelines.registry) and move each
+    registered model's `best` alias to its best validation score, once the export is in place."""
+    trials: list[TrialSpec] = [result.config["trial"] for result in finished]
+    metric, mode = get_task(study.task).selection(bool(trials[0].val_cases))   # one split for all trials
+    scored = [(describe_version(study, trial, row, runs, name, metric), row[f"best_{metric}"])
+              for trial, row in zip(trials, rows) if (name := registered_name(study, trial))]
+    registry.set_best(runs.client, scored, mode)
+
+
+def describe_version(study: StudySpec, trial: TrialSpec, row: dict, runs: StudyRuns, name: str,
+                     metric: str) -> ModelVersion:
+    """The trial's registered version, tagged with its grid point, how it was selected and the commit
+    its run was made at (the run's `git_commit` param, else the current one), and described."""
+    score, epoch = row[f"best_{metric}"], row["best_epoch"]
+    commit = runs.client.get_run(row["run_id"]).data.params.get("git_commit") or git_commit()
+    tags = {"study": study.name, "backbone": trial.backbone, "variant": trial.variant, "seed": str(trial.seed),
+            **({} if trial.fold is None else {"fold": str(trial.fold)}),
+            "selection_metric": metric, "selection_value": f"{score:.6g}", "best_epoch": str(epoch),
+            "git_commit": commit, "config_hash": trial.digest}
+    version = registry.latest_version(runs.client, name, row["run_id"])
+    registry.describe(runs.client, version, tags, f"{study.name} {trial.name} ({trial.backbone}): best {metric} "
+                                                  f"{score:.4g} at epoch {epoch}; commit {commit}, "
+                                                  f"configuration {trial.digest}")
+    return version
 
 
 def registered_name(study: StudySpec, trial: TrialSpec) -> str | None:
@@ -442,7 +473,11 @@ def registered_name(study: StudySpec, trial: TrialSpec) -> str | None:
 
 
 def training_curves(runs: StudyRuns, rows: list[dict], metric: str) -> str:
-    """Per-epoch training curves of every trial as CSV, read back from MLflow so restarts keep their history."""
+    """Per-epoch training curves of every trial as CSV, read back from MLflow so restarts keep their history.
+
+    Long format, one row per (trial, epoch), its `variant` and `seed` beside: dvc.yaml's template
+    (pipelines/plots/trial_curves.json) draws one line per trial, coloured by variant, dashed by seed.
+    The selection metric stays the last column, the y that DVC plots by default."""
     frames = []
     for row in rows:
         history = {
@@ -450,8 +485,9 @@ def training_curves(runs: StudyRuns, rows: list[dict], metric: str) -> str:
             for key in ("train_loss", metric)
         }
         frame = pd.DataFrame(history).rename_axis("epoch").reset_index()
-        frame.insert(0, "trial", workspace.trial_name(row["variant"], row["seed"], row["fold"]))
-        frames.append(frame)
+        trial = {"trial": workspace.trial_name(row["variant"], row["seed"], row["fold"]),
+                 "variant": row["variant"], "seed": row["seed"]}
+        frames.append(frame.assign(**trial)[[*trial, *frame.columns]])
     return pd.concat(frames).to_csv(index=False)
 
 

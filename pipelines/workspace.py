@@ -37,6 +37,7 @@ TEST_PER_CASE = METRICS + "/test_per_case.csv"
 TEST_SUMMARY = METRICS + "/test_summary.json"
 TEST_ENSEMBLE_PER_CASE = METRICS + "/test_ensemble_per_case.csv"   # k-fold: each (row, seed)'s folds as one model
 TEST_ENSEMBLE_SUMMARY = METRICS + "/test_ensemble_summary.json"
+HEADLINE = "summary/{study}"   # DVC metrics: <variant>.json, the headline test metric's mean ± std and n
 PREDICTIONS = "predictions/{study}"
 REPORTS = "reports"
 

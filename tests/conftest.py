@@ -106,6 +106,16 @@ def same_geometry(written: Path, reference: Path) -> sitk.Image:
     return ours
 
 
+def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def run_in(root: Path, *command, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a project command (dvc, python -m pipelines...) in `root` with the venv on PATH.
 

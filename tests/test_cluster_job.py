@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from nnmamba.checkpoint import load_bundle
 from pipelines import SINGLE_MACHINE_ENV
-from tests.conftest import BIN, CLUSTER_STUDY, _wait_for_head, free_port
+from tests.conftest import BIN, CLUSTER_STUDY, _wait_for_head, free_port, wait_for
 from tests.listening import is_loopback, listening_sockets
 
 pytestmark = pytest.mark.slow
@@ -39,16 +38,6 @@ STUDY = "brats2023"
 EXPERIMENT = "nnmamba-seg-brats2023"
 EPOCHS = CLUSTER_STUDY["train"]["epochs"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def answers(url: str) -> bool:

@@ -125,9 +125,11 @@ def test_mlflow_holds_each_study_as_an_ablation(repro, study):
         assert sorted(set(steps)) == list(range(1, EPOCHS + 1))
         val_steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")]
         assert val_steps == ([] if study == "adni_mci" else list(range(1, EPOCHS + 1)))
-    for variant in VARIANTS:
-        assert {f"{variant}_test_{m}_{s}" for m in ("acc", "f1", "auc") for s in ("mean", "std")} <= set(
-            parent.data.metrics)
+    # The per-variant summary is one table in the parent run, not metrics.
+    assert parent.data.metrics == {}
+    summary = pd.read_json(client.download_artifacts(parent.info.run_id, "test_summary.json"), orient="split")
+    assert sorted(summary["variant"]) == sorted(VARIANTS)
+    assert {f"test_{m}_{s}" for m in ("acc", "f1", "auc") for s in ("mean", "std")} <= set(summary.columns)
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert {"report/adni_classification_table.md", f"report/{study}_roc.png"} <= set(artifacts)
     models = client.search_logged_models(experiment_ids=[parent.info.experiment_id])

@@ -6,6 +6,7 @@ import json
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -80,9 +81,11 @@ def test_mlflow_holds_the_ablation(repro):
         for metric in ("dice", "hd95", "nsd"):
             for region in ("WT", "TC", "ET", "mean"):
                 assert f"test_{metric}_{region}" in metrics
-    for variant in VARIANTS:
-        assert f"{variant}_test_dice_mean_mean" in parent.data.metrics
-        assert f"{variant}_test_hd95_ET_std" in parent.data.metrics
+    # The per-variant summary is one table in the parent run, not 2 metrics per variant and metric.
+    assert parent.data.metrics == {}
+    summary = pd.read_json(client.download_artifacts(parent.info.run_id, "test_summary.json"), orient="split")
+    assert sorted(summary["variant"]) == sorted(VARIANTS)
+    assert {"test_dice_mean_mean", "test_hd95_ET_std"} <= set(summary.columns)
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/brats2023_table.md" in artifacts
 
@@ -105,6 +108,24 @@ def test_logged_model_loads_and_predicts(repro):
     assert len(versions) == len(SEEDS)
 
 
+def test_dvc_shows_one_row_per_variant_and_one_line_per_trial(repro):
+    root, env = repro
+    summary = json.loads((root / "metrics/brats2023/test_summary.json").read_text())
+    shown = json.loads(run_in(root, "dvc", "metrics", "show", "--json", env=env).stdout)[""]["data"]
+    assert {path: entry["data"] for path, entry in shown.items()} == {
+        f"summary/brats2023/{variant}.json": {"metric": "test_dice_mean", "n": len(SEEDS),
+                                              **summary[variant]["test_dice_mean"]} for variant in VARIANTS}
+    plots = json.loads(run_in(root, "dvc", "plots", "show", "--json", env=env).stdout)
+    assert not plots.get("errors")
+    (curves,) = plots["data"]["metrics/brats2023/train_curves.csv"]
+    series: dict[tuple, list[int]] = {}
+    for point in curves["content"]["data"]["values"]:
+        series.setdefault((point["trial"], point["variant"], point["seed"]), []).append(int(point["epoch"]))
+    assert sorted(series) == sorted((f"{v}-seed{s}", v, str(s)) for v in VARIANTS for s in SEEDS)
+    assert all(epochs == list(range(1, EPOCHS + 1)) for epochs in series.values())
+    assert curves["content"]["encoding"]["color"]["field"] == "variant"
+
+
 def test_dvc_tracks_params_and_metrics(repro):
     root, env = repro
     assert "Data and pipelines are up to date" in run_in(root, "dvc", "status", env=env).stdout
@@ -118,4 +139,4 @@ def test_dvc_tracks_params_and_metrics(repro):
     diff = run_in(root, "dvc", "params", "diff", env=env).stdout
     assert "train.epochs" in diff
     shown = run_in(root, "dvc", "metrics", "show", env=env).stdout
-    assert "miccss.test_dice_mean.mean" in shown
+    assert "summary/brats2023/miccss.json" in shown and "test_hd95" not in shown

@@ -20,7 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from project_copy import fresh_project, write_params
-from tests.conftest import BIN, run_in
+from tests.conftest import BIN, run_in, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -40,16 +40,6 @@ TINY = {
 }
 # A re-run with nothing to train (issue #16): its models are already logged, so none is logged again.
 RERUN_S = 15
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def ray_list(cluster: dict, kind: str, *filters: str) -> list[dict]:

@@ -35,11 +35,13 @@ class Evaluator:
     """A task's test-time work: `score` (one Ray task per trained model, or per fold ensemble: the
     bundles it is given predict as one, `nnmamba.ensemble`) returns a row and a
     prediction per case, `save` writes one model's predictions under `predictions/<study>/`,
-    `per_seed` turns the per-case table into one row of test metrics per (variant, seed)."""
+    `per_seed` turns the per-case table into one row of test metrics per (variant, seed); `headline`
+    names the one of them `dvc metrics show` tables per variant (summary/<study>/<variant>.json)."""
 
     score: Callable[[list[str], str, list[str], StudySpec], Scored]
     save: Callable[[Scored, Path, str], None]
     per_seed: Callable[[pd.DataFrame], pd.DataFrame]
+    headline: str
 
 
 @dataclass(frozen=True)

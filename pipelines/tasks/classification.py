@@ -152,6 +152,6 @@ TASK = Task(
     validate=validate,
     summarise=summarise,
     input_shape=lambda study: study.prepare.shape,
-    evaluator=Evaluator(score, save_probabilities, per_seed),
+    evaluator=Evaluator(score, save_probabilities, per_seed, headline="test_auc"),
     report=report,
 )

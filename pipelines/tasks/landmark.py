@@ -137,6 +137,6 @@ TASK = Task(
     validate=validate,
     summarise=summarise,
     input_shape=lambda study: study.train.patch_size,
-    evaluator=Evaluator(score, save_points, mean_per_seed),
+    evaluator=Evaluator(score, save_points, mean_per_seed, headline="test_mre_mm_mean"),
     report=report,
 )

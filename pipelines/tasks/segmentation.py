@@ -193,6 +193,6 @@ TASK = Task(
     validate=validate,
     summarise=summarise,
     input_shape=lambda study: study.train.patch_size,
-    evaluator=Evaluator(score, save_label_maps, mean_per_seed),
+    evaluator=Evaluator(score, save_label_maps, mean_per_seed, headline="test_dice_mean"),
     report=report,
 )
