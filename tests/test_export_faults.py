@@ -6,23 +6,20 @@ from __future__ import annotations
 import errno
 
 import pytest
-import ray.tune
-import torch
 from mlflow.tracking import MlflowClient
 
 from full_disk import FullDisk, leftovers, snapshot
 from nnmamba.atomic import WriteError
-from nnmamba.checkpoint import WEIGHTS_FILE, model_from_arch
+from nnmamba.checkpoint import WEIGHTS_FILE
 from pipelines import workspace
-from pipelines.params import TrialSpec, load_params
+from pipelines.params import load_params
 from pipelines.tracking import StudyRuns
-from pipelines.train import architecture, export_models
-from pipelines.train_worker import STATE_FILE
+from pipelines.train import export_models
 from project_copy import write_params
+from trained_results import trained
 
 STUDY = "brats2023"
 SEEDS = [0, 1]
-INDEX = {"channels": ["t1", "t1ce", "t2", "flair"], "labels": {"0": "background", "1": "ncr", "2": "ed", "3": "et"}}
 TINY = {"model": {"base_channels": 4, "blocks_per_stage": 1}, "train": {"variants": ["mic"], "seeds": SEEDS},
         "mlflow": {"register_models": False}}
 
@@ -45,7 +42,7 @@ def exported(tmp_path_factory):
         for seed in SEEDS:
             child = runs.child(parent, "nnmamba", "mic", seed, None, {})
             runs.log_metrics(child, {"train_loss": 1.0 - seed / 10, "val_dice_mean": 0.5}, step=1)
-        rows = export_models(study, trained(study, root, 1), runs, parent)
+        rows = export_models(study, trained(study, root, 1, dict.fromkeys(SEEDS, 0.5)), runs, parent)
         yield {"root": root, "study": study, "runs": runs, "parent": parent, "rows": rows, "before": outputs()}
 
 
@@ -53,24 +50,6 @@ def exported(tmp_path_factory):
 def full_disk(exported, monkeypatch):
     """Fill the disk of a folder of the shared workspace: `full_disk("models", free_bytes)`, for this test."""
     return lambda folder, free: FullDisk(monkeypatch, exported["root"] / folder, free)
-
-
-def trained(study, tmp_path, round_: int) -> list[ray.tune.Result]:
-    """Each seed's Tune result, pointing at a real best checkpoint (fresh weights for each round)."""
-    results = []
-    for seed in SEEDS:
-        arch = architecture(study, INDEX, "nnmamba", "mic")
-        checkpoint = tmp_path / "ray_results" / f"round{round_}-seed{seed}"
-        checkpoint.mkdir(parents=True)
-        torch.save({"model": model_from_arch(arch).state_dict()}, checkpoint / STATE_FILE)
-        trial = TrialSpec(study=study, backbone="nnmamba", variant="mic", seed=seed, digest="digest",
-                          optimizer=study.train.optimizer, storage_path=str(tmp_path / "ray_results"),
-                          dataset_dir="", train_cases=("a",), val_cases=("b",), init_dir=None, arch=arch,
-                          prediction=None)
-        results.append(ray.tune.Result(metrics={"config": {"trial": trial}, "best_checkpoint_path": str(checkpoint),
-                                                "best_val_dice_mean": 0.5, "best_epoch": 1},
-                                       checkpoint=None, error=None, path=str(checkpoint)))
-    return results
 
 
 def outputs() -> dict[str, dict[str, bytes]]:
@@ -101,7 +80,7 @@ def test_a_full_disk_during_the_second_export_keeps_the_previous_models(exported
     # Room for the first trial's new bundle and half the second's weights.
     full_disk("models", len(bundle["mic-seed0/arch.json"]) + len(bundle[f"mic-seed0/{WEIGHTS_FILE}"]) * 3 // 2)
     with pytest.raises(WriteError) as error:
-        export_models(study, trained(study, exported["root"], 2), runs, parent)
+        export_models(study, trained(study, exported["root"], 2, dict.fromkeys(SEEDS, 0.5)), runs, parent)
     path = workspace.path(workspace.MODELS, study=STUDY) / "mic-seed1" / WEIGHTS_FILE
     assert error.value.errno == errno.ENOSPC
     assert str(error.value) == f"could not write {path}: [Errno 28] No space left on device"
@@ -114,6 +93,6 @@ def test_a_full_disk_at_the_training_curves_keeps_the_previous_models(exported, 
     study, runs, parent = exported["study"], exported["runs"], exported["parent"]
     full_disk("metrics", 0)
     with pytest.raises(WriteError, match="train_curves.csv: .Errno 28. No space left on device"):
-        export_models(study, trained(study, exported["root"], 3), runs, parent)
+        export_models(study, trained(study, exported["root"], 3, dict.fromkeys(SEEDS, 0.5)), runs, parent)
     assert outputs() == exported["before"] and leftovers(exported["root"]) == []
     failed_children(runs, parent)

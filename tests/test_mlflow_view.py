@@ -6,24 +6,22 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import ray.tune
 import torch
 from mlflow.tracking import MlflowClient
 
-from nnmamba.checkpoint import load_bundle, model_from_arch
+from nnmamba.checkpoint import load_bundle
 from pipelines import workspace
 from pipelines.cli import load_model
 from pipelines.evaluate import log_to_mlflow, summarise
-from pipelines.params import TrialSpec, load_params
+from pipelines.params import load_params
 from pipelines.registry import BEST_ALIAS
 from pipelines.tracking import EXPERIMENT_KIND, StudyRuns, experiment_name
-from pipelines.train import architecture, export_models, registered_name
-from pipelines.train_worker import STATE_FILE
+from pipelines.train import export_models, registered_name
 from project_copy import write_params
+from trained_results import INDEX, trained
 
 STUDY = "brats2023"
 SEEDS = [0, 1, 2]
-INDEX = {"channels": ["t1", "t1ce", "t2", "flair"], "labels": {"0": "background", "1": "ncr", "2": "ed", "3": "et"}}
 TINY = {"model": {"base_channels": 4, "blocks_per_stage": 1}, "train": {"variants": ["mic"], "seeds": SEEDS},
         "mlflow": {"register_models": True}}
 # What `nnmamba predict` reads beside the weights (its content is not under test here).
@@ -48,24 +46,6 @@ def study(workspace_root):
     return load_params(workspace_root / "params.yaml").study(STUDY)
 
 
-def trained(study, root, round_: int, scores: list[float]) -> list[ray.tune.Result]:
-    """Each seed's Tune result with a real best checkpoint (fresh weights) and validation score."""
-    results = []
-    for seed, score in zip(SEEDS, scores):
-        arch = architecture(study, INDEX, "nnmamba", "mic")
-        checkpoint = root / "ray_results" / f"round{round_}-seed{seed}"
-        checkpoint.mkdir(parents=True)
-        torch.save({"model": model_from_arch(arch).state_dict()}, checkpoint / STATE_FILE)
-        trial = TrialSpec(study=study, backbone="nnmamba", variant="mic", seed=seed, digest="digest",
-                          optimizer=study.train.optimizer, storage_path=str(root / "ray_results"),
-                          dataset_dir="", train_cases=("a",), val_cases=("b",), init_dir=None, arch=arch,
-                          prediction=PREDICTION)
-        results.append(ray.tune.Result(metrics={"config": {"trial": trial}, "best_checkpoint_path": str(checkpoint),
-                                                "best_val_dice_mean": score, "best_epoch": 3},
-                                       checkpoint=None, error=None, path=str(checkpoint)))
-    return results
-
-
 @pytest.fixture(scope="module")
 def exported(study, workspace_root):
     """A first export of three seeds (seed 1 validates best), then a re-run of the same checkpoints."""
@@ -73,7 +53,8 @@ def exported(study, workspace_root):
     parent = runs.parent({"git_commit": "abc123"})
     for seed in SEEDS:
         runs.child(parent, "nnmamba", "mic", seed, None, {"git_commit": "abc123"})
-    results = trained(study, workspace_root, 1, [0.4, 0.7, 0.5])
+    results = trained(study, workspace_root, 1, dict(zip(SEEDS, [0.4, 0.7, 0.5])), best_epoch=3,
+                      prediction=PREDICTION)
     rows = export_models(study, results, runs, parent)
     name = registered_name(study, results[0].config["trial"])
     before = {v.version: (v.tags, v.description) for v in runs.client.search_model_versions(f"name = '{name}'")}
@@ -115,7 +96,8 @@ def test_a_re_export_of_the_same_checkpoints_adds_no_version_and_keeps_the_recor
 
 def test_new_checkpoints_move_best_to_the_new_best_version(exported, study, workspace_root):
     runs, name = exported["runs"], exported["name"]
-    export_models(study, trained(study, workspace_root, 2, [0.9, 0.2, 0.3]), runs, exported["parent"])
+    rescored = trained(study, workspace_root, 2, dict(zip(SEEDS, [0.9, 0.2, 0.3])), best_epoch=3, prediction=PREDICTION)
+    export_models(study, rescored, runs, exported["parent"])
     best = runs.client.get_model_version_by_alias(name, BEST_ALIAS)
     assert best.tags["seed"] == "0" and best.tags["selection_value"] == "0.9"
     assert len(runs.client.search_model_versions(f"name = '{name}'")) == 2 * len(SEEDS)
