@@ -116,6 +116,15 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def move_outside_and_link(path: Path, outside: Path) -> Path:
+    """Move ``path`` (a file or folder) to ``outside``, beyond a dataset root, and leave a symlink to it
+    in its place: what a reader must refuse however readable the target is."""
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(outside)
+    path.symlink_to(outside, target_is_directory=outside.is_dir())
+    return outside
+
+
 def run_in(root: Path, *command, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a project command (dvc, python -m pipelines...) in `root` with the venv on PATH.
 

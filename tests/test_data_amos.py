@@ -15,6 +15,7 @@ from nnmamba.data.readers.amos import amos_modality, read_amos_dataset
 from nnmamba.data.errors import DataError
 from nnmamba.data.layouts import get_layout
 from nnmamba.data.synthetic.amos import write_synthetic_amos
+from tests.conftest import move_outside_and_link
 
 CASES = {"CT": {"imagesTr": 3, "imagesVa": 1, "imagesTs": 1}, "MR": {"imagesTr": 2, "imagesVa": 1, "imagesTs": 1}}
 FOV = (120.0, 96.0, 96.0)
@@ -106,8 +107,7 @@ def test_missing_label_bad_name_and_no_cases(amos_root: Path, tmp_path: Path) ->
 def test_a_label_symlinked_outside_the_root_is_refused(amos_root: Path, tmp_path: Path) -> None:
     root = Path(shutil.copytree(amos_root, tmp_path / "amos"))
     label = root / "labelsTr/amos_0001.nii.gz"
-    outside = label.rename(tmp_path / "elsewhere.nii.gz")
-    label.symlink_to(outside)
+    outside = move_outside_and_link(label, tmp_path / "elsewhere.nii.gz")
     with pytest.raises(DataError) as raised:
         read_amos_dataset(root, "CT")
     assert str(raised.value) == (f"case amos_0001: {label} resolves to {outside.resolve()}, "

@@ -13,6 +13,7 @@ from nnmamba.data.readers.brats import BRATS_LABELS, BRATS_MODALITIES, brats_fil
 from nnmamba.data.errors import DataError
 from nnmamba.data.preprocessing.preprocess import load_case
 from nnmamba.data.synthetic.brats import write_synthetic_brats
+from tests.conftest import move_outside_and_link
 
 SHAPE = (28, 28, 22)
 
@@ -206,10 +207,7 @@ def test_nan_voxel_is_named(raw_root: Path) -> None:
 def test_a_file_or_case_folder_symlinked_outside_the_root_is_refused(raw_root: Path, tmp_path: Path) -> None:
     root = raw_root.resolve()
     path = brats_file(_case_dir(raw_root, 0), "t2f")
-    outside = tmp_path / "elsewhere" / path.name
-    outside.parent.mkdir()
-    path.rename(outside)
-    path.symlink_to(outside)
+    outside = move_outside_and_link(path, tmp_path / "elsewhere" / path.name)
     with pytest.raises(DataError) as raised:
         find_brats_cases(raw_root)
     assert str(raised.value) == (f"case {path.parent.name}: {path} resolves to {outside.resolve()}, "
@@ -217,8 +215,7 @@ def test_a_file_or_case_folder_symlinked_outside_the_root_is_refused(raw_root: P
     path.unlink()
     outside.rename(path)
     case_dir = _case_dir(raw_root, 1)
-    moved = case_dir.rename(tmp_path / "elsewhere" / case_dir.name)
-    case_dir.symlink_to(moved, target_is_directory=True)
+    moved = move_outside_and_link(case_dir, tmp_path / "elsewhere" / case_dir.name)
     with pytest.raises(DataError, match=rf"case {case_dir.name}: .* resolves to {re.escape(str(moved.resolve()))}/"):
         find_brats_cases(raw_root)
 

@@ -16,6 +16,7 @@ from nnmamba.data.readers.landmarks import LANDMARK_NAMES, find_landmark_cases, 
 from nnmamba.data.layouts import get_layout
 from nnmamba.data.synthetic.fetal import write_synthetic_fetal
 from nnmamba.heatmaps import decode_heatmaps, world_to_voxel
+from tests.conftest import move_outside_and_link
 
 NAMES = ("A1", "B2")
 
@@ -92,10 +93,7 @@ def test_a_file_symlinked_outside_the_root_is_refused(tmp_path: Path, linked: st
     root = tmp_path / "root"
     _case(root, "c1", {"A1": [2, 2, 3], "B2": [4, 4, 6]})
     path = root / linked
-    outside = tmp_path / "elsewhere" / path.name
-    outside.parent.mkdir()
-    path.rename(outside)
-    path.symlink_to(outside)
+    outside = move_outside_and_link(path, tmp_path / "elsewhere" / path.name)
     with pytest.raises(DataError) as raised:
         find_landmark_cases(root)
     assert str(raised.value) == (f"case c1: {path} resolves to {outside.resolve()}, "

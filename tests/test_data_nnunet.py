@@ -17,6 +17,7 @@ from nnmamba.data.readers.nnunet import read_nnunet_dataset
 from nnmamba.data.preprocessing.fingerprint import dataset_fingerprint
 from nnmamba.data.preprocessing.preprocess import load_case, prepare_dataset
 from nnmamba.data.synthetic.nnunet import NNUNET_CLASSES, write_synthetic_nnunet
+from tests.conftest import move_outside_and_link
 
 FOV = (96.0, 80.0, 78.0)
 SPACING = (0.8 * 3, 0.8 * 3, 6.5)  # strongly anisotropic, like 0.8 x 0.8 x 6.5 mm scans (coarser in-plane)
@@ -168,18 +169,10 @@ def test_label_geometry_and_values_are_validated_per_case(nrrd_root: Path, tmp_p
         load_case(case, dataset.labels)
 
 
-def _move_outside_and_link(path: Path, outside: Path) -> Path:
-    """Move ``path`` to ``outside`` (a readable file beyond the root) and leave a symlink to it in its place."""
-    outside.parent.mkdir(parents=True, exist_ok=True)
-    path.rename(outside)
-    path.symlink_to(outside)
-    return outside
-
-
 @pytest.mark.parametrize("linked", ["imagesTr/case_001_0001.nrrd", "labelsTr/case_001.nrrd"])
 def test_a_file_symlinked_outside_the_root_is_refused(nrrd_root: Path, tmp_path: Path, linked: str) -> None:
     root = _copy(nrrd_root, tmp_path)
-    target = _move_outside_and_link(root / linked, tmp_path / "elsewhere" / "other.nrrd")
+    target = move_outside_and_link(root / linked, tmp_path / "elsewhere" / "other.nrrd")
     with pytest.raises(DataError) as raised:
         read_nnunet_dataset(root)
     assert str(raised.value) == (f"case case_001: {root / linked} resolves to {target.resolve()}, "
