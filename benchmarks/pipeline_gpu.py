@@ -60,9 +60,13 @@ class GpuSampler(threading.Thread):
                 sink.write("%.3f,%d,%.3f\n" % self.samples[-1])
 
     def busy_fraction(self, windows: list[tuple[float, float]]) -> float | None:
-        """Mean utilisation (0-1) of the samples inside the windows, each shrunk by a second at both ends."""
-        inside = [util for t, util, _ in self.samples if any(a + 1 < t < b - 1 for a, b in windows)]
-        return sum(inside) / len(inside) / 100 if inside else None
+        return busy_fraction(self.samples, windows)
+
+
+def busy_fraction(samples: list[tuple[float, int, float]], windows: list[tuple[float, float]]) -> float | None:
+    """Mean utilisation (0-1) of the samples inside the windows, each shrunk by a second at both ends."""
+    inside = [util for t, util, _ in samples if any(a + 1 < t < b - 1 for a, b in windows)]
+    return sum(inside) / len(inside) / 100 if inside else None
 
 
 def set_profile(profile: str) -> None:
@@ -162,18 +166,47 @@ def summarise(study: str, steps_per_epoch: int, graph_ms: dict[str, float], samp
             "peak_gpu_memory_gib": max((m for *_, m in sampler.samples), default=None)}
 
 
+REPORT = re.compile(r"ray_results/(?P<run>[^/]+)/checkpoint_(?P<at>\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+)\), "
+                    r"metrics=(?P<metrics>\{[^}]*\})")
+
+
+def busy_from_log(folder: Path) -> dict:
+    """The GPU busy fraction inside each epoch's train steps, read from a call cut short before the
+    train stage ended: the epochs from the workers' reports in `pipeline.log` (an epoch ends at its
+    checkpoint, named by its UTC time), the samples from `gpu_samples.csv`."""
+    import ast
+    from datetime import datetime, timezone
+
+    lines = (folder / "gpu_samples.csv").read_text().splitlines()[1:]
+    samples = [(float(t), int(u), float(m)) for t, u, m in (line.split(",") for line in lines)]
+    epochs = []
+    for match in REPORT.finditer((folder / "pipeline.log").read_text()):
+        metrics = ast.literal_eval(match["metrics"])
+        ended = datetime.strptime(match["at"], "%Y-%m-%d_%H-%M-%S.%f").replace(tzinfo=timezone.utc).timestamp()
+        start = ended - metrics["epoch_time_s"]
+        epochs.append({"run": match["run"], "epoch": metrics["epoch"], "train_time_s": metrics["train_time_s"],
+                       "loader_wait_s": metrics.get("loader_wait_s"),
+                       "gpu_busy_fraction": busy_fraction(samples, [(start, start + metrics["train_time_s"])])})
+    return {"benchmark": "pipeline_gpu busy_from_log", "folder": folder.name, "epochs": epochs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="gpu-smoke")
     parser.add_argument("--study", default="brats2023")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--busy-from-log", action="store_true", help="run nothing: summarise --out's pipeline.log "
+                        "and gpu_samples.csv of a call cut short into busy_from_log.json")
     parser.add_argument("--speed", type=Path, help="model_speed.py JSON of the same card (graph steps)")
     parser.add_argument("--shape", default="brats", help="model_speed shape matching the study's input")
     parser.add_argument("--stages", nargs="+", help="only these stage names (e.g. evaluate@brats2023)")
     parser.add_argument("--report", action="store_true", help="also run the report stage")
-    parser.add_argument("--samples", type=Path, help="gpu_samples.csv of an earlier call on this machine whose "
-                        "train stage is summarised here (that call was cut short)")
     args = parser.parse_args()
+    if args.busy_from_log:
+        summary = busy_from_log(args.out)
+        (args.out / "busy_from_log.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary["epochs"], indent=1))
+        return
 
     set_profile(args.profile)
     sys.path.insert(0, str(ROOT))
@@ -201,9 +234,6 @@ def main() -> None:
             break
     result.payload["wall_s"] = time.perf_counter() - started
     sampler.stopped.set()
-    if args.samples:
-        lines = args.samples.read_text().splitlines()[1:]
-        sampler.samples = [(float(t), int(u), float(m)) for t, u, m in (line.split(",") for line in lines)] + sampler.samples
     result.payload |= {"gpu_samples": sampler.samples}
     if (ROOT / "models" / args.study / "trials.json").is_file():
         result.payload |= summarise(args.study, study.train.steps_per_epoch,
