@@ -9,8 +9,8 @@ the same readers that load the real datasets.
 from __future__ import annotations
 
 import argparse
-import shutil
 
+from nnmamba.atomic import staged_directory
 from nnmamba.data.layouts import get_layout
 from pipelines import workspace
 from pipelines.params import load_params
@@ -21,11 +21,8 @@ def synthesize(name: str) -> list[str]:
     spec = load_params().synthetic[name]
     layout = get_layout(spec.layout)
     out = workspace.path(workspace.SYNTHETIC, name=name)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cases = layout.write_synthetic(tmp, **spec.options())
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with staged_directory(out) as partial:   # the old cases stay until the new ones are all written
+        cases = layout.write_synthetic(partial, **spec.options())
     print(f"synthesize: wrote {len(cases)} {layout.name} cases to {out}")
     return cases
 
