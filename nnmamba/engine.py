@@ -90,17 +90,22 @@ def repeat_batches(loader: Iterable) -> Iterator:
 
 class WaitTimedBatches(Iterator):
     """Batches from `batches`, adding up the seconds the consumer waited for them: the loader's share
-    of an epoch, which the GPU spends idle once the queued step is done."""
+    of an epoch, which the GPU spends idle once the queued step is done. `first_at` is the wall-clock
+    time the first batch arrived, when the first step could start."""
 
     def __init__(self, batches: Iterator):
         self.batches, self.waited_s = batches, 0.0
+        self.first_at: float | None = None
 
     def __next__(self):
         started = time.perf_counter()
         try:
-            return next(self.batches)
+            batch = next(self.batches)
         finally:
             self.waited_s += time.perf_counter() - started
+        if self.first_at is None:
+            self.first_at = time.time()
+        return batch
 
     def take_waited_s(self) -> float:
         """Seconds waited since the last call."""

@@ -17,6 +17,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import psutil
 import ray.train
 import ray.train.torch
 import torch
@@ -180,14 +181,19 @@ def train_loop(config: dict) -> None:
     better = max if mode == "max" else min
     run_steps = partial(train_epoch, model, batches, loss_fn, optimizer, device=device, dtype=dtype,
                         channels_last=train.channels_last, captured_step=captured)
-    # Where a trial's time goes: worker start-up (first epoch after each start only), the train steps
-    # and the part of them spent waiting for the loader, the validation, the whole epoch; and
-    # wall-clock from the trial's start to its first step.
+    # Where a trial's time goes: worker start-up (first epoch after each start only: wall-clock from
+    # the trial's start to this worker's process, to this loop, and to the first batch on hand, when
+    # the first step starts), the train steps and the part of them spent waiting for the loader, the
+    # validation, the whole epoch.
+    trial_started_at = config["trial_started_at"]
     timing = {"setup_time_s": time.perf_counter() - entered,
-              "trial_start_to_train_s": time.time() - config["trial_started_at"]}
+              "worker_launch_s": psutil.Process().create_time() - trial_started_at,
+              "trial_start_to_train_s": time.time() - trial_started_at}
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
         initial_loss, train_loss = _epoch_loss(trial, epoch + 1, run_steps, initial_loss, device)
+        if "setup_time_s" in timing:
+            timing["trial_start_to_first_step_s"] = batches.first_at - trial_started_at
         timing["train_time_s"] = time.perf_counter() - started
         timing["loader_wait_s"] = batches.take_waited_s()
         due = not val_metrics or (epoch + 1) % train.val_every == 0 or epoch + 1 == train.epochs

@@ -137,10 +137,15 @@ def test_wait_timed_batches_count_the_time_spent_waiting_for_each_batch() -> Non
             time.sleep(0.02)
             yield index
 
+    created = time.time()
     batches = WaitTimedBatches(slow(5))
+    assert batches.first_at is None
     assert list(islice(batches, 3)) == [0, 1, 2]
+    first_at = batches.first_at
+    assert created + 0.02 <= first_at < created + 0.06   # when the first batch arrived, not the third
     first = batches.take_waited_s()
     assert 0.06 <= first < 1.0
     assert batches.take_waited_s() == 0.0   # taken once
     assert list(batches) == [3, 4]
     assert batches.take_waited_s() >= 0.04
+    assert batches.first_at == first_at

@@ -72,12 +72,17 @@ def test_mlflow_holds_the_ablation(repro):
             assert sorted(set(steps)) == list(range(1, EPOCHS + 1))
         # Each epoch's time splits into its train steps and its validation; start-up is logged once.
         history = {key: {m.step: m.value for m in client.get_metric_history(child.info.run_id, key)}
-                   for key in ("epoch_time_s", "train_time_s", "val_time_s", "setup_time_s", "trial_start_to_train_s")}
+                   for key in ("epoch_time_s", "train_time_s", "val_time_s", "setup_time_s", "worker_launch_s",
+                               "trial_start_to_train_s", "trial_start_to_first_step_s")}
         for epoch, total in history["epoch_time_s"].items():
             parts = history["train_time_s"][epoch] + history["val_time_s"][epoch]
             assert 0 < parts <= total and total - parts < 0.5
         assert list(history["setup_time_s"]) == [1]
         assert 0 < history["setup_time_s"][1] < history["trial_start_to_train_s"][1]
+        # The start-up's milestones come in order: worker process, training loop, first batch.
+        assert 0 < history["worker_launch_s"][1] < history["trial_start_to_train_s"][1] \
+            < history["trial_start_to_first_step_s"][1]
+        assert list(history["trial_start_to_first_step_s"]) == [1]
         for metric in ("dice", "hd95", "nsd"):
             for region in ("WT", "TC", "ET", "mean"):
                 assert f"test_{metric}_{region}" in metrics
