@@ -1,6 +1,7 @@
 """The `nnmamba` command line.
 
     nnmamba predict --model models/amos_ct/miccss-seed0 --input scans/ --output labels/ [--tta] [--device cpu]
+    nnmamba predict -m models/brats2023/miccss-seed0 -i BraTS2023/ -o labels/ --save-probabilities
     nnmamba predict --model models:/nnmamba-seg-amos_ct-nnmamba-miccss@best --input amos_0507.nii.gz --output labels/
 
 `--model` is a model bundle folder (what `dvc repro` exports to `models/<study>/<variant>-seed<seed>/`)
@@ -55,8 +56,10 @@ def predict(args: argparse.Namespace) -> list[Path]:
     model, record = load_model(args.model, device, args.tracking_uri)
     cases = find_input_cases(Path(args.input), record["channels"])
     written = predict_cases(model, record, cases, Path(args.output), device=device,
-                            mirror_axes=MIRROR_AXES if args.tta else (), overlap=args.overlap)
-    print(f"predict: {len(written)} label file(s) in {args.output}")
+                            mirror_axes=MIRROR_AXES if args.tta else (), overlap=args.overlap,
+                            save_probabilities=args.save_probabilities)
+    probabilities = f" and {len(cases)} probability file(s) (.npz)" if args.save_probabilities else ""
+    print(f"predict: {len(cases)} label file(s){probabilities} in {args.output}")
     return written
 
 
@@ -65,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     predict_parser = commands.add_parser("predict", help="segment raw images with a trained model")
-    predict_parser.add_argument("--model", required=True,
+    # nnU-Net's short flags beside the long ones (nnUNetv2_predict -i ... -o ...).
+    predict_parser.add_argument("-m", "--model", required=True,
                                 help="model bundle folder, models:/<name>/<version> or models:/<name>@best")
-    predict_parser.add_argument("--input", required=True, help="an image file or a folder of image files")
-    predict_parser.add_argument("--output", required=True, help="folder for the label files")
+    predict_parser.add_argument("-i", "--input", required=True,
+                                help="an image file, a folder of image files or a folder of case folders (BraTS)")
+    predict_parser.add_argument("-o", "--output", required=True, help="folder for the label files")
     predict_parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 views)")
-    predict_parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    predict_parser.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    predict_parser.add_argument("--save-probabilities", "--save_probabilities", action="store_true",
+                                help="also write <case>.npz: the class probabilities on the label file's grid")
     predict_parser.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's)")
     predict_parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: see above)")
     predict_parser.set_defaults(run=predict)

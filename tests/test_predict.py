@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torchio as tio
 from torch import nn
 
 from nnmamba.backbones import build_network
 from nnmamba.checkpoint import save_bundle
 from nnmamba.data.errors import DataError
 from nnmamba.data.synthetic.amos import write_synthetic_amos
+from nnmamba.data.synthetic.brats import write_synthetic_brats
 from nnmamba.data.synthetic.nnunet import write_synthetic_nnunet
 from nnmamba.models import build_model
 from nnmamba.predict import find_input_cases, predict_cases
@@ -86,6 +88,22 @@ def test_multi_channel_inputs_are_grouped_by_nnunet_names(mha_inputs: Path, tmp_
         find_input_cases(tmp_path / "nowhere", ["CT"])
 
 
+def test_brats_case_folders_are_read_by_their_channel_names_and_a_bad_name_lists_the_order(tmp_path: Path) -> None:
+    channels = ["t1c", "t1n", "t2f", "t2w"]
+    ids = write_synthetic_brats(tmp_path / "brats", n_cases=2, shape=(16, 16, 12))
+    cases = find_input_cases(tmp_path / "brats", channels)   # a folder of case folders, as BraTS ships them
+    assert [c.case_id for c in cases] == ids
+    assert cases[0].images == {name: tmp_path / "brats" / ids[0] / f"{ids[0]}-{name}.nii.gz" for name in channels}
+    assert find_input_cases(tmp_path / "brats" / ids[1] / f"{ids[1]}-t2f.nii.gz", channels) == [cases[1]]
+    assert find_input_cases(tmp_path / "brats" / ids[1], channels) == [cases[1]]   # the -seg label is skipped
+    (tmp_path / "brats" / ids[0] / f"{ids[0]}-t2w.nii.gz").unlink()
+    with pytest.raises(DataError, match=rf"channel 0003 \(t2w\) missing, expected file .*{ids[0]}-t2w.nii.gz"):
+        find_input_cases(tmp_path / "brats", channels)
+    (tmp_path / "brats" / ids[1] / f"{ids[1]}-t1c.nii.gz").rename(tmp_path / "brats" / ids[1] / "flair.nii.gz")
+    with pytest.raises(DataError, match="flair.nii.gz: .* in this order: 0000 t1c, 0001 t1n, 0002 t2f, 0003 t2w"):
+        find_input_cases(tmp_path / "brats" / ids[1], channels)
+
+
 def _empty(tmp_path: Path) -> Path:
     (tmp_path / "empty").mkdir()
     return tmp_path / "empty"
@@ -144,6 +162,22 @@ def test_cli_predicts_with_a_model_bundle(mha_inputs: Path, tmp_path: Path) -> N
     assert set(np.unique(labels)) <= {0, 1}
     with pytest.raises(SystemExit, match=r"nnmamba predict: input .*missing does not exist"):
         main([*command[3:7], str(tmp_path / "missing"), *command[8:]])
+
+
+def test_short_flags_and_saved_probabilities_match_the_label_file(mha_inputs: Path, tmp_path: Path) -> None:
+    arch = {"task": "segmentation", "variant": "miccss", "in_channels": 2, "out_channels": 2,
+            "kwargs": {"base_channels": 4, "blocks_per_stage": 2}}
+    network = build_model("segmentation", "miccss", 2, 2, base_channels=4, blocks_per_stage=2)
+    save_bundle(tmp_path / "bundle", arch, network.state_dict(), _record(["CT", "MR"], patch=[32, 32, 16]))
+    main(["predict", "-m", str(tmp_path / "bundle"), "-i", str(mha_inputs / "case_002_0000.mha"),
+          "-o", str(tmp_path / "out"), "-d", "cpu", "--save-probabilities"])
+    labels = tio.LabelMap(tmp_path / "out/case_002.mha").numpy()[0]
+    saved = np.load(tmp_path / "out/case_002.npz")
+    probabilities = saved["probabilities"].astype(np.float32)
+    assert probabilities.shape == (2, *labels.shape) and list(saved["labels"]) == ["background", "bright"]
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=2e-3)   # float16, background filled in
+    decided = np.abs(probabilities[1] - probabilities[0]) > 1e-2            # float16 ties left out
+    assert np.array_equal(probabilities.argmax(axis=0)[decided], labels[decided])
 
 
 @pytest.mark.parametrize(("backbone", "options"), [("segresnet", {"init_filters": 8}),
