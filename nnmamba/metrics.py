@@ -108,8 +108,9 @@ def segmentation_metrics(
     """Dice, HD95 and NSD of each region of two label maps, plus their means over regions.
 
     A region is a set of labels merged into one mask (BraTS WT = {1, 2, 3}); for organ datasets each class
-    is its own region ``{name: (k,)}``. Returns keys ``dice_<region>``, ``hd95_<region>``, ``nsd_<region>``
-    and ``dice_mean``, ``hd95_mean``, ``nsd_mean``.
+    is its own region ``{name: (k,)}``. Returns keys ``dice_<region>``, ``hd95_<region>``, ``nsd_<region>``,
+    ``hd95_fallback_<region>`` (1.0 where HD95 is the empty-mask diagonal, else 0.0) and ``dice_mean``,
+    ``hd95_mean``, ``nsd_mean``.
     """
     pred_label, gt_label = np.asarray(pred_label), np.asarray(gt_label)
     if pred_label.shape != gt_label.shape:
@@ -136,8 +137,10 @@ def segmentation_metrics(
 def _region_metrics(
     pred_mask: np.ndarray, gt_mask: np.ndarray, spacing_mm: tuple[float, ...], tolerance_mm: float
 ) -> dict[str, float]:
-    """Dice, HD95 and NSD of one region, computing the surface distances once for both surface metrics."""
-    scores = {"dice": dice(pred_mask, gt_mask)}
+    """Dice, HD95 and NSD of one region, computing the surface distances once for both surface metrics;
+    `hd95_fallback` is 1.0 where the region is in exactly one of the masks, so HD95 is the diagonal
+    convention rather than a measured distance (reports footnote such cells)."""
+    scores = {"dice": dice(pred_mask, gt_mask), "hd95_fallback": float(pred_mask.any() != gt_mask.any())}
     if pred_mask.any() and gt_mask.any():
         pred_to_gt, gt_to_pred = _surface_distances(pred_mask, gt_mask, spacing_mm)
         scores["hd95"] = _hd95_from_distances(pred_to_gt, gt_to_pred)

@@ -37,13 +37,15 @@ from pipelines.tracking import StudyRuns
 
 
 def summarise(per_seed: pd.DataFrame) -> dict:
-    """Per variant: mean and std over seeds (and folds) of each trial's test metrics (the paper's mean ± std)."""
+    """Per variant: mean, std and number n of the trials (seeds, folds) of each test metric (the
+    paper's mean ± std; n lets a report print a single trial's value as n = 1, not as ± 0.00)."""
     if per_seed.empty:  # no labelled test case (AMOS imagesTs): predictions only
         return {}
     summary = {}
     for variant, frame in per_seed.groupby(level="variant"):
         summary[variant] = {
-            col: {"mean": float(frame[col].mean()), "std": float(frame[col].std(ddof=0))} for col in per_seed.columns
+            col: {"mean": float(frame[col].mean()), "std": float(frame[col].std(ddof=0)),
+                  "n": int(frame[col].count())} for col in per_seed.columns
         }
     return summary
 

@@ -220,6 +220,7 @@ class MlflowSpec(Spec):
 class ReportSpec(Spec):
     overlay_cases: int
     ablation: dict[str, str]                    # task -> the study behind its Table 5 columns
+    paper_numbers: str | None = None            # YAML of the paper's published numbers: rows marked "(paper)"
 
 
 class SyntheticSpec(Spec):

@@ -21,6 +21,7 @@ from nnmamba.atomic import WriteError, staged_directory
 from pipelines import workspace
 from pipelines.params import load_params
 from pipelines.reports.ablation import ablation_report
+from pipelines.reports.paper import load_paper_numbers
 from pipelines.tasks import TASK_NAMES, get_task
 from pipelines.tracking import attach_to_parent_run
 
@@ -40,7 +41,8 @@ def report() -> list[Path]:
         for task in TASK_NAMES:
             studies = [study for study in evaluated if study.task == task]
             tables += get_task(task).report(studies, params.report, partial)
-        ablation = ablation_report(dict(params.report.ablation), partial)
+        ablation = ablation_report(dict(params.report.ablation), partial,
+                                   load_paper_numbers(params.report.paper_numbers))
         for study in params.studies.values():
             if study.name in params.report.ablation.values():
                 attach_to_parent_run(study, ablation)

@@ -1,5 +1,6 @@
 """What `dvc plots show` and `dvc metrics show` make of the stages' files, in a real git+DVC copy of
-the project: one line per trial in the training curves, one row per variant in the metrics table."""
+the project: one line per trial in the training curves, the report figures as images, one row per
+variant in the metrics table."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import pytest
 
 from nnmamba.atomic import staged
 from pipelines import workspace
-from pipelines.evaluate import headline, stage_headline
+from pipelines.evaluate import headline, stage_headline, summarise
 from pipelines.params import load_params
+from pipelines.reports.figures import figure_path
+from pipelines.reports.segmentation import dice_chart
 from pipelines.tracking import StudyRuns
 from pipelines.train import training_curves
 from project_copy import fresh_project
@@ -32,8 +35,9 @@ def dvc_json(root: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A copy of the project whose train@ and evaluate@ outputs of one study are written by the real
-    writers: the curves from a real MLflow store, the headline through the evaluate stage's staging."""
+    """A copy of the project whose train@, evaluate@ and report outputs of one study are written by the
+    real writers: the curves from a real MLflow store, the headline through the evaluate stage's
+    staging, a report figure by the report's own chart."""
     root = fresh_project(tmp_path_factory.mktemp("project"), studies=[STUDY])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(workspace.WORKSPACE_ENV, str(root))
@@ -51,10 +55,12 @@ def project(tmp_path_factory) -> Path:
             staging.file(workspace.path(workspace.TRAIN_CURVES, study=STUDY),
                          training_curves(runs, rows, "val_dice_mean"))
             per_seed = pd.DataFrame(
-                [{"variant": v, "seed": s, "test_dice_mean": 0.5 + s / 10, "test_hd95_WT": 9.0} for v, s in TRIALS]
+                [{"variant": v, "seed": s, "test_dice_mean": 0.5 + s / 10, "test_dice_WT": 0.6, "test_hd95_WT": 9.0}
+                 for v, s in TRIALS]
             ).set_index(["variant", "seed"])
             stage_headline(staging, study, per_seed)
             staging.file(workspace.path(workspace.TEST_SUMMARY, study=STUDY), workspace.json_text({"detail": 1}))
+        dice_chart(STUDY, summarise(per_seed), ["WT"], figure_path(root / workspace.REPORTS, f"{STUDY}_dice.png"))
     return root
 
 
@@ -95,3 +101,12 @@ def test_dvc_plots_show_draws_one_line_per_trial_coloured_by_variant(project):
     trials = {workspace.trial_name(variant, seed) for variant, seed in TRIALS}
     assert {dict(zip(sorted(lines), key))["trial"] for key in series} == trials
     assert len(series) == len(trials) and all(epochs == [1, 2, 3] for epochs in series.values())
+
+
+def test_dvc_plots_show_has_the_report_figures_as_images(project, tmp_path):
+    rendered = tmp_path / "plots"
+    subprocess.run([DVC, "plots", "show", "-o", rendered], cwd=project, capture_output=True, check=True)
+    figure = f"reports/figures/{STUDY}_dice.png"
+    assert figure in (rendered / "index.html").read_text()
+    (copy,) = (rendered / "static").glob(f"*{STUDY}_dice.png")
+    assert copy.read_bytes() == (project / figure).read_bytes()

@@ -76,7 +76,7 @@ def test_repro_writes_the_table_4_report_and_the_slices_png(repro):
     assert columns[:2] == ["Method", "Params (M)"] and columns[2].startswith("GMACs 1×")
     assert columns[3:] == ["TCD 1", "TCD 2", "HDV 1", "HDV 2", "ADV 1", "ADV 2", "Average"]
     assert "| Baseline |" in table and "| +MICCSS |" in table and " ± " in table
-    assert (root / f"reports/{STUDY}_landmarks.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / f"reports/figures/{STUDY}_landmarks.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_mlflow_holds_the_landmark_ablation(repro):

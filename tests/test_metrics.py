@@ -165,7 +165,10 @@ def test_brats_regions_are_composed_from_labels() -> None:
     spacing = (1.0, 1.0, 2.0)
     scores = segmentation_metrics(pred, gt, spacing, BRATS_REGIONS, nsd_tolerance_mm=1.0)
     names = ("WT", "TC", "ET", "mean")
-    assert set(scores) == {f"{metric}_{name}" for metric in ("dice", "hd95", "nsd") for name in names}
+    assert set(scores) == ({f"{metric}_{name}" for metric in ("dice", "hd95", "nsd") for name in names}
+                           | {f"hd95_fallback_{name}" for name in names[:3]})
+    # Only ET, missed by the prediction, has its HD95 from the empty-mask convention.
+    assert [scores[f"hd95_fallback_{name}"] for name in names[:3]] == [0.0, 0.0, 1.0]
     # WT: pred 64 + 16 voxels, gt 64, all 64 shared. TC: identical 8 voxels. ET: 0 predicted of 4.
     assert scores["dice_WT"] == pytest.approx(2 * 64 / (80 + 64))
     assert (scores["dice_TC"], scores["hd95_TC"], scores["nsd_TC"]) == (1.0, 0.0, 1.0)
@@ -185,6 +188,7 @@ def test_one_region_per_class_and_a_class_absent_from_both() -> None:
     organs = {"necrosis": (1,), "edema": (2,), "absent": (7,)}
     scores = segmentation_metrics(pred, gt, ANISOTROPIC, organs, nsd_tolerance_mm=2.0)
     assert (scores["dice_absent"], scores["hd95_absent"], scores["nsd_absent"]) == (1.0, 0.0, 1.0)
+    assert scores["hd95_fallback_absent"] == 0.0   # absent from both: 0 mm by convention, nothing to flag
     assert scores["dice_necrosis"] == pytest.approx(2 * 4 / (8 + 4))
     assert scores["hd95_edema"] == pytest.approx(brute_hd95(pred == 2, gt == 2, ANISOTROPIC), rel=1e-5)
     assert scores["nsd_edema"] == pytest.approx(brute_nsd(pred == 2, gt == 2, ANISOTROPIC, 2.0))

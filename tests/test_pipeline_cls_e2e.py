@@ -153,7 +153,7 @@ def test_report_puts_both_tasks_side_by_side(repro):
     row = next(line for line in table.splitlines() if line.startswith("| +Sequence"))
     assert row.rstrip(" |").endswith(f"{auc['mean'] * 100:.2f} ± {auc['std'] * 100:.2f}")
     for study in STUDIES:
-        assert (root / f"reports/{study}_roc.png").read_bytes()[:4] == b"\x89PNG"
+        assert (root / f"reports/figures/{study}_roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_table5_takes_the_auc_column_from_adni_ad(repro):
@@ -163,4 +163,4 @@ def test_table5_takes_the_auc_column_from_adni_ad(repro):
     auc = summary["sequence"]["test_auc"]
     row = next(line for line in table.splitlines() if "| +Sequence |" in line)
     assert row.rstrip(" |").endswith(f"{auc['mean'] * 100:.2f} ± {auc['std'] * 100:.2f}")
-    assert (root / "reports/ablation_table5.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "reports/figures/ablation_table5.png").read_bytes()[:4] == b"\x89PNG"

@@ -48,7 +48,7 @@ def test_repro_writes_metrics_reports_and_predictions(repro):
                 assert np.isfinite(stats["mean"]) and stats["std"] >= 0
     table = (root / "reports/brats2023_table.md").read_text()
     assert all(label in table for label in ("Baseline", "+MIC", "+MICCSS", "Dice WT", "HD95 ET"))
-    assert (root / "reports/brats2023_dice.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "reports/figures/brats2023_dice.png").read_bytes()[:4] == b"\x89PNG"
     predictions = sorted((root / "predictions/brats2023").glob("*/*.nii.gz"))
     assert len(predictions) == len(VARIANTS) * len(SEEDS) * TINY["split"]["test"]
 

@@ -112,7 +112,7 @@ def test_mlflow_runs_and_reports(repro):
     assert "No labelled test case" in (root / "reports/amos_mr_table.md").read_text()
     assert "abdomen_mha mDice (%)" in (root / "reports/nnunet_table2.md").read_text()
     for study in ("amos_ct", "amos_mr", "abdomen_mha"):
-        assert (root / f"reports/{study}_overlays.png").read_bytes()[:4] == b"\x89PNG"
+        assert (root / f"reports/figures/{study}_overlays.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_predict_from_the_model_registry(repro):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from pipelines.reports.ablation import ablation_report
+from pipelines.reports.paper import load_paper_numbers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STUDIES = {"segmentation": "brats2023", "landmark": "fetal_cerebellum", "classification": "adni_ad"}
 
@@ -62,3 +66,24 @@ def test_a_task_without_results_shows_dashes_and_none_at_all_writes_nothing(work
     rows = table_rows(table)[2:]
     assert [row[1:4] for row in rows] == [["–", "–", "–"]] * 3
     assert [row[5] for row in rows] == ["–", "–", "50.00 ± 0.00"]
+
+
+def test_the_papers_own_table_5_rows_come_from_the_shipped_numbers_file_marked_as_the_papers(workspace):
+    write_summary(workspace, "brats2023", {"baseline": {"test_dice_mean": stats(0.5, 0.1), "test_hd95_mean": stats(9, 1)}})
+    paper = load_paper_numbers(str(ROOT / "pipelines/reports/paper_numbers.yaml"))
+    table, _ = ablation_report(STUDIES, workspace / "reports", paper)
+    rows = table_rows(table)[2:]
+    assert rows[0][:3] == ["Baseline", "50.00 ± 10.00", "9.00 ± 1.00"]   # the run's own rows come first
+    # The paper's Table 5, as printed there (Dice and AUC in %, HD95 and MRE in mm).
+    assert rows[3:] == [
+        ["Baseline (paper)", "89.58", "7.12", "2.23", "Baseline (paper)", "94.93"],
+        ["+MIC (paper)", "89.92", "6.94", "2.14", "+MICCSS (paper)", "95.35"],
+        ["+MICCSS (paper)", "89.97", "6.53", "2.11", "+Sequence (paper)", "95.81"],
+    ]
+    assert "published numbers of Gong et al." in table.read_text()
+    assert "(paper)" not in table_rows(ablation_report(STUDIES, workspace / "reports")[0])[-1][0]
+
+
+def test_a_missing_paper_numbers_file_is_named():
+    with pytest.raises(ValueError, match="paper_numbers: cannot read .*nowhere.yaml"):
+        load_paper_numbers("/nowhere.yaml")

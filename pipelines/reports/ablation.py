@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from nnmamba.atomic import write_file  # noqa: E402
 from nnmamba.models import available_variants  # noqa: E402
-from pipelines.reports.figures import save_png  # noqa: E402
+from pipelines.reports.figures import figure_path, save_png  # noqa: E402
+from pipelines.reports.paper import PAPER_SUFFIX, paper_note  # noqa: E402
 from pipelines.reports.tables import VARIANT_LABELS, cell, markdown_table  # noqa: E402
 from pipelines.workspace import load_summary  # noqa: E402
 
@@ -45,18 +46,30 @@ def rungs() -> list[dict[str, str]]:
     return [{task: variants[task][k] for task in TASKS} for k in range(min(map(len, variants.values())))]
 
 
-def ablation_table(studies: dict[str, str], summaries: dict[str, dict]) -> str:
-    """Markdown in the shape of Table 5: a method column per variant family, the metrics of each task's study."""
+def ablation_table(studies: dict[str, str], summaries: dict[str, dict], paper: dict | None = None) -> str:
+    """Markdown in the shape of Table 5: a method column per variant family, the metrics of each task's study;
+    `paper` (the paper-numbers file's content) adds the published Table 5 below, its rows marked."""
     header = ["Method", *(f"{studies[t]} {title}" for t, _, title, _ in COLUMNS[:3]),
               "Method (cls.)", f"{studies['classification']} {COLUMNS[3][2]}"]
-    rows = []
+    rows, published = [], (paper or {}).get("table5", {})
     for rung in rungs():
         values = [_value(summaries[task], rung[task], metric, scale) for task, metric, _, scale in COLUMNS]
         rows.append([VARIANT_LABELS[rung["segmentation"]], *values[:3], VARIANT_LABELS[rung["classification"]],
                      values[3]])
+    if published:
+        for rung in rungs():
+            values = [_published(published, task, rung[task], metric) for task, metric, _, _ in COLUMNS]
+            rows.append([VARIANT_LABELS[rung["segmentation"]] + PAPER_SUFFIX, *values[:3],
+                         VARIANT_LABELS[rung["classification"]] + PAPER_SUFFIX, values[3]])
     return ("## Ablation over the three tasks (paper Table 5), mean ± std over seeds\n\n" + markdown_table(header, rows)
             + "\nRows pair the k-th variant of each task: the dense tasks add MIC then CSS, "
-              "classification adds MICCSS then the channel-sequential head.\n")
+              "classification adds MICCSS then the channel-sequential head.\n"
+            + (paper_note(paper) if published else ""))
+
+
+def _published(published: dict, task: str, variant: str, metric: str) -> str:
+    value = published.get(task, {}).get(variant, {}).get(metric)
+    return "–" if value is None else f"{value:.2f}"
 
 
 def _value(summary: dict, variant: str, metric: str, scale: float) -> str:
@@ -82,13 +95,13 @@ def ablation_chart(studies: dict[str, str], summaries: dict[str, dict], path: Pa
     save_png(fig, path, dpi=120)
 
 
-def ablation_report(studies: dict[str, str], out_dir: Path) -> list[Path]:
+def ablation_report(studies: dict[str, str], out_dir: Path, paper: dict | None = None) -> list[Path]:
     """`ablation_table5.md` and `ablation_table5.png`; nothing while no named study has test results."""
     summaries = load_summaries(studies)
     if not any(summaries.values()):
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    table, chart = out_dir / "ablation_table5.md", out_dir / "ablation_table5.png"
-    write_file(table, ablation_table(studies, summaries))
+    table, chart = out_dir / "ablation_table5.md", figure_path(out_dir, "ablation_table5.png")
+    write_file(table, ablation_table(studies, summaries, paper))
     ablation_chart(studies, summaries, chart)
     return [table, chart]

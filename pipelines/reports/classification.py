@@ -10,13 +10,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from nnmamba.atomic import write_file  # noqa: E402
 from pipelines import workspace  # noqa: E402
 from pipelines.params import StudySpec  # noqa: E402
 from pipelines.reports.complexity import COUNTER, RowComplexity, row_complexity, shape_label  # noqa: E402
-from pipelines.reports.figures import save_png  # noqa: E402
+from pipelines.reports.figures import figure_path, save_png  # noqa: E402
 from pipelines.reports.tables import cell, markdown_table, row_label  # noqa: E402
 from pipelines.tasks.classification import probability_columns  # noqa: E402
 from pipelines.tasks.scoring import trial_keys  # noqa: E402
@@ -43,22 +43,29 @@ def classification_table(dataset: str, results: dict[str, dict], complexity: dic
             + markdown_table(header, rows))
 
 
-def roc_chart(title: str, per_case: pd.DataFrame, summary: dict, path: Path) -> None:
-    """ROC curves of every (variant, seed) on the test split; positive class = the last class."""
+SEED_STYLES = ("-", "--", "-.", (0, (1, 1)))   # line style per seed (fold), cycling
+
+
+def roc_chart(title: str, per_case: pd.DataFrame, path: Path) -> None:
+    """ROC curves of every (variant, seed) on the test split, coloured by variant, styled by seed, each
+    named with its own AUC; positive class = the last class."""
     columns = probability_columns(per_case)
     positive, positive_index = columns[-1], len(columns) - 1
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(6, 6))
     for colour, (variant, frame) in zip(plt.cm.tab10.colors, per_case.groupby("variant")):
-        auc = summary[variant]["test_auc"]
-        for number, (_, seed_frame) in enumerate(frame.groupby(trial_keys(frame)[1:])):
-            fpr, tpr, _ = roc_curve(seed_frame["target"] == positive_index, seed_frame[positive])
-            label = f"{row_label(variant)} (AUC {cell(auc, 100)})" if number == 0 else None
-            ax.plot(fpr, tpr, color=colour, alpha=0.8, label=label)
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        names = trial_keys(frame)[1:]
+        for number, (key, seed_frame) in enumerate(frame.groupby(names)):
+            truth = seed_frame["target"] == positive_index
+            fpr, tpr, _ = roc_curve(truth, seed_frame[positive])
+            trial = ", ".join(f"{name} {value}" for name, value in zip(names, key))
+            auc = f" (AUC {roc_auc_score(truth, seed_frame[positive]) * 100:.1f})" if truth.nunique() == 2 else ""
+            ax.plot(fpr, tpr, color=colour, linestyle=SEED_STYLES[number % len(SEED_STYLES)], alpha=0.85,
+                    label=f"{row_label(variant)}, {trial}{auc}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel(f"true positive rate ({positive.removeprefix('p_')})")
     ax.set_title(f"{title}: test ROC, one curve per seed")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     save_png(fig, path, dpi=120)
 
@@ -69,8 +76,8 @@ def classification_study(study: StudySpec, out_dir: Path) -> dict | None:
     if summary is None:
         return None
     title = " vs ".join(study.dataset.classes)
-    roc = out_dir / f"{study.name}_roc.png"
-    roc_chart(title, pd.read_csv(workspace.path(workspace.TEST_PER_CASE, study=study.name)), summary, roc)
+    roc = figure_path(out_dir, f"{study.name}_roc.png")
+    roc_chart(title, pd.read_csv(workspace.path(workspace.TEST_PER_CASE, study=study.name)), roc)
     return {"study": study, "dataset": study.dataset.name, "title": title, "summary": summary, "roc": roc}
 
 

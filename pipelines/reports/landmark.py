@@ -20,7 +20,7 @@ from nnmamba.heatmaps import world_to_voxel  # noqa: E402
 from pipelines import workspace  # noqa: E402
 from pipelines.params import StudySpec  # noqa: E402
 from pipelines.reports.complexity import COUNTER, RowComplexity, row_complexity, shape_label  # noqa: E402
-from pipelines.reports.figures import save_png  # noqa: E402
+from pipelines.reports.figures import figure_path, save_png  # noqa: E402
 from pipelines.reports.tables import cell, markdown_table, row_label  # noqa: E402
 from pipelines.tracking import attach_to_parent_run  # noqa: E402
 
@@ -91,7 +91,7 @@ def landmark_reports(studies: list[StudySpec], out_dir: Path) -> list[Path]:
         if summary is None:
             continue
         names = list(get_layout(study.dataset.layout).labels.values())
-        table, figure = out_dir / f"{study.name}_table.md", out_dir / f"{study.name}_landmarks.png"
+        table, figure = out_dir / f"{study.name}_table.md", figure_path(out_dir, f"{study.name}_landmarks.png")
         write_file(table, landmark_table(study.name, summary, names, row_complexity(study.name),
                                           study.train.patch_size))
         landmark_figure(study.name, names, workspace.load_trials(study.name)["trials"], figure)

@@ -15,7 +15,10 @@ def row_label(row: str) -> str:
 
 
 def cell(stats: dict, scale: float = 1.0) -> str:
-    """`mean ± std`, two decimals, as the paper prints them."""
+    """`mean ± std`, two decimals, as the paper prints them; a single trial's value as `value (n = 1)`,
+    since its std of 0 would read as a measured spread."""
+    if stats.get("n") == 1:
+        return f"{stats['mean'] * scale:.2f} (n = 1)"
     return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
 
 
