@@ -53,6 +53,7 @@ from nnmamba.models import available_variants
 from pipelines import registry, workspace
 from pipelines.cluster import connect_ray
 from pipelines.failures import FailFast, cause_line
+from pipelines.model_logging import log_network
 from pipelines.params import StudySpec, TrialSpec, load_params
 from pipelines.resolve import resolve_study
 from pipelines.tasks import get_task
@@ -334,14 +335,13 @@ def export_trial(result, trial: TrialSpec, partial: Path, models_dir: Path, runs
     save_bundle(bundle, trial.arch, state["model"], trial.prediction)
     model, arch = load_bundle(bundle)
     task = get_task(trial.study.task)
-    example = torch.zeros(1, arch["in_channels"], *task.input_shape(trial.study)).numpy()
     # The bundle's JSON files travel with the MLflow model, so `nnmamba predict --model models:/...` works.
     extra_files = [str(bundle / name) for name in (ARCH_FILE, PREDICTION_FILE) if (bundle / name).is_file()]
     logged = runs.client.get_run(run_id).data.tags.get(EXPORTED_CHECKPOINT_TAG) == best_path
     if not logged or (register_as and registry.latest_version(runs.client, register_as, run_id) is None):
         with mlflow.start_run(run_id=run_id, nested=True):
-            mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=register_as,
-                                     serialization_format="pickle", extra_files=extra_files)
+            log_network(model, arch, task.input_shape(trial.study), dense=task.name != "classification",
+                        registered_name=register_as, extra_files=extra_files)
         runs.client.set_tag(run_id, EXPORTED_CHECKPOINT_TAG, best_path)
     metric, _ = task.selection(bool(trial.val_cases))
     return {"backbone": trial.backbone, "variant": trial.variant, "seed": trial.seed, "fold": trial.fold,
