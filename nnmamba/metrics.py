@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
@@ -158,7 +159,11 @@ def _surface_distances(
     start, end = generate_spatial_bounding_box((pred_mask | gt_mask)[None])
     box = tuple(slice(lo, hi) for lo, hi in zip(start, end))
     pred_t, gt_t = (torch.from_numpy(np.ascontiguousarray(m[box])) for m in (pred_mask, gt_mask))
-    _, distances, _ = get_edge_surface_distance(pred_t, gt_t, spacing=spacing_mm, symmetric=True)
+    with warnings.catch_warnings():
+        # MONAI 1.5+ passes its own deprecated `always_return_as_numpy` to get_mask_edges internally
+        # and warns about it on every call; nothing for a caller to change.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        _, distances, _ = get_edge_surface_distance(pred_t, gt_t, spacing=spacing_mm, symmetric=True)
     pred_to_gt, gt_to_pred = distances
     return pred_to_gt.numpy(), gt_to_pred.numpy()
 

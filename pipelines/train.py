@@ -55,6 +55,7 @@ from pipelines.cluster import connect_ray
 from pipelines.failures import FailFast, cause_line
 from pipelines.model_logging import log_network
 from pipelines.params import StudySpec, TrialSpec, load_params
+from pipelines.progress import TrialProgress, grid_point
 from pipelines.resolve import resolve_study
 from pipelines.tasks import get_task
 from pipelines.tracking import StudyRuns, experiment_name, flatten, git_commit
@@ -196,6 +197,9 @@ def build_trainer(trial: TrialSpec, callbacks: list) -> TorchTrainer:
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             callbacks=[*callbacks, FailFast()],
+            # Ray Train's own INFO lines (worker group started, each checkpoint, each report) are two
+            # per epoch per trial; the MLflow runs and Tune's trial lines already say all of it.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -258,8 +262,8 @@ def tune_grid(study: StudySpec, trials: list[TrialSpec], runs: StudyRuns, parent
         run_config=ray.tune.RunConfig(
             name=f"{study.name}-{trials[0].digest}-tune",
             storage_path=trials[0].storage_path,
-            callbacks=[mlflow_callback],
-            verbose=1,
+            callbacks=[mlflow_callback, TrialProgress()],
+            verbose=0,   # TrialProgress prints a line per trial event instead of Tune's tables
         ),
     )
     results = list(tuner.fit())
@@ -278,11 +282,6 @@ def failure_report(study: StudySpec, failed: list[ray.tune.Result], total: int) 
     return "\n".join(lines)
 
 
-def grid_point(trial: TrialSpec) -> str:
-    """`(variant, seed 0)`, `(variant, seed 0, fold 2)` in a k-fold study."""
-    return f"({trial.variant}, seed {trial.seed}" + ("" if trial.fold is None else f", fold {trial.fold}") + ")"
-
-
 class MLflowTrialCallback(ray.tune.Callback):
     """Mirror each Tune trial into its MLflow child run, from the driver only.
 
@@ -292,7 +291,7 @@ class MLflowTrialCallback(ray.tune.Callback):
     """
 
     LOGGED = ("epoch", "train_loss", "epoch_time_s", "train_time_s", "loader_wait_s", "val_time_s", "setup_time_s",
-              "worker_launch_s", "trial_start_to_train_s", "trial_start_to_first_step_s", "lr")
+              "worker_launch_s", "worker_imported_s", "trial_start_to_train_s", "trial_start_to_first_step_s", "lr")
 
     def __init__(self, runs: StudyRuns, parent_id: str, params: dict[str, str]):
         self.runs, self.parent_id, self.params = runs, parent_id, params

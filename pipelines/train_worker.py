@@ -34,6 +34,9 @@ from pipelines.params import TrialSpec
 from pipelines.tasks import Task, get_task
 
 STATE_FILE = "state.pt"
+# When this worker process had imported the training code (torch, MONAI, nnmamba): a trial's
+# start-up splits into launching the worker, its imports, and Ray Train's setup before the loop.
+IMPORTED_AT = time.time()
 
 
 def _distributed() -> bool:
@@ -182,12 +185,13 @@ def train_loop(config: dict) -> None:
     run_steps = partial(train_epoch, model, batches, loss_fn, optimizer, device=device, dtype=dtype,
                         channels_last=train.channels_last, captured_step=captured)
     # Where a trial's time goes: worker start-up (first epoch after each start only: wall-clock from
-    # the trial's start to this worker's process, to this loop, and to the first batch on hand, when
-    # the first step starts), the train steps and the part of them spent waiting for the loader, the
-    # validation, the whole epoch.
+    # the trial's start to this worker's process, to its imports done, to this loop, and to the first
+    # batch on hand, when the first step starts), the train steps and the part of them spent waiting
+    # for the loader, the validation, the whole epoch.
     trial_started_at = config["trial_started_at"]
     timing = {"setup_time_s": time.perf_counter() - entered,
               "worker_launch_s": psutil.Process().create_time() - trial_started_at,
+              "worker_imported_s": IMPORTED_AT - trial_started_at,
               "trial_start_to_train_s": time.time() - trial_started_at}
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()

@@ -150,7 +150,7 @@ def tracked(job, mlflow_server):
 
 def test_submitted_job_succeeds_and_writes_to_the_workspace(job, cluster_project):
     assert job["status"] == "SUCCEEDED", job["logs"][-5000:]
-    assert "Trial status: 1 TERMINATED" in job["logs"]
+    assert "[1 of 1 finished, 0 running]" in job["logs"]
     workspace, code = cluster_project["workspace"], cluster_project["code"]
     assert (workspace / "models" / STUDY / "mic-seed0" / "model.pt").is_file()
     trials = json.loads((workspace / "models" / STUDY / "trials.json").read_text())["trials"]

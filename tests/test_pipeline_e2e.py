@@ -33,7 +33,8 @@ TINY = {
 def repro(tmp_path_factory, ray_cluster):
     root = fresh_project(tmp_path_factory.mktemp("project"), TINY, studies=["brats2023"])
     env = ray_cluster["env"]
-    run_in(root, "dvc", "repro", env=env)
+    done = run_in(root, "dvc", "repro", env=env)
+    (root / "repro.log").write_text(done.stdout + done.stderr)
     return root, env
 
 
@@ -73,14 +74,15 @@ def test_mlflow_holds_the_ablation(repro):
         # Each epoch's time splits into its train steps and its validation; start-up is logged once.
         history = {key: {m.step: m.value for m in client.get_metric_history(child.info.run_id, key)}
                    for key in ("epoch_time_s", "train_time_s", "val_time_s", "setup_time_s", "worker_launch_s",
-                               "trial_start_to_train_s", "trial_start_to_first_step_s")}
+                               "worker_imported_s", "trial_start_to_train_s", "trial_start_to_first_step_s")}
         for epoch, total in history["epoch_time_s"].items():
             parts = history["train_time_s"][epoch] + history["val_time_s"][epoch]
             assert 0 < parts <= total and total - parts < 0.5
         assert list(history["setup_time_s"]) == [1]
         assert 0 < history["setup_time_s"][1] < history["trial_start_to_train_s"][1]
-        # The start-up's milestones come in order: worker process, training loop, first batch.
-        assert 0 < history["worker_launch_s"][1] < history["trial_start_to_train_s"][1] \
+        # The start-up's milestones come in order: worker process, its imports, training loop, first batch.
+        assert 0 < history["worker_launch_s"][1] < history["worker_imported_s"][1] \
+            < history["trial_start_to_train_s"][1] \
             < history["trial_start_to_first_step_s"][1]
         assert list(history["trial_start_to_first_step_s"]) == [1]
         for metric in ("dice", "hd95", "nsd"):
@@ -145,3 +147,17 @@ def test_dvc_tracks_params_and_metrics(repro):
     assert "train.epochs" in diff
     shown = run_in(root, "dvc", "metrics", "show", env=env).stdout
     assert "summary/brats2023/miccss.json" in shown and "test_hd95" not in shown
+
+
+def test_the_train_log_is_a_line_per_trial_event_without_tune_tables(repro):
+    root, _ = repro
+    log = (root / "repro.log").read_text()
+    trials = [f"({variant}, seed {seed})" for variant in VARIANTS for seed in SEEDS]
+    for trial in trials:
+        assert log.count(f"train brats2023: {trial} started") == 1
+        assert log.count(f"train brats2023: {trial} epoch ") == EPOCHS
+        assert log.count(f"train brats2023: {trial} done: best val_dice_mean") == 1
+    assert f"[{len(trials)} of {len(trials)} finished, 0 running]" in log
+    assert "Trial status:" not in log and "╭" not in log            # no Tune status tables or boxes
+    assert "Reporting training result" not in log                  # nor Ray Train's per-epoch INFO lines
+    assert "Saving pytorch model by Pickle" not in log and "Traceback" not in log
