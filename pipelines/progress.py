@@ -1,8 +1,9 @@
-"""The train stage's console: one line per trial event, instead of Ray Tune's status tables.
+"""The train stage's console: one line per trial event.
 
 Tune's default output repeats a table of every trial each 30 s and a box per trial start and end;
 in a grid of dozens of small trials that was most of a `dvc repro` log. A line per trial start,
-epoch, end and failure, with the grid's progress on the start and end lines, says the same.
+epoch, end and failure, with the grid's progress on the start and end lines, says the same. (Tune
+2.60 at verbose=0 still prints its status tables; silencing them is left to do.)
 """
 
 from __future__ import annotations

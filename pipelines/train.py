@@ -197,9 +197,6 @@ def build_trainer(trial: TrialSpec, callbacks: list) -> TorchTrainer:
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             callbacks=[*callbacks, FailFast()],
-            # Ray Train's own INFO lines (worker group started, each checkpoint, each report) are two
-            # per epoch per trial; the MLflow runs and Tune's trial lines already say all of it.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -263,7 +260,7 @@ def tune_grid(study: StudySpec, trials: list[TrialSpec], runs: StudyRuns, parent
             name=f"{study.name}-{trials[0].digest}-tune",
             storage_path=trials[0].storage_path,
             callbacks=[mlflow_callback, TrialProgress()],
-            verbose=0,   # TrialProgress prints a line per trial event instead of Tune's tables
+            verbose=0,   # TrialProgress prints a line per trial event (Tune 2.60 still prints its status tables)
         ),
     )
     results = list(tuner.fit())

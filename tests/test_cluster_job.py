@@ -192,6 +192,22 @@ def test_runs_read_back_over_rest(tracked, mlflow_server):
     assert len(stored) == 1, "the logged model's files are not in the server's artifact store"
 
 
+def test_the_ui_s_views_are_in_the_servers_rest_answers(tracked):
+    """What the MLflow UI reads (#17 item 1), from the server the job logged to: the experiment opens
+    on runs, and the registered version says which trial it is, reachable by its `best` alias."""
+    url, child = tracked["url"], tracked["children"][0]
+    experiment_tags = {t["key"]: t["value"] for t in tracked["experiment"]["tags"]}
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    name = f"{EXPERIMENT}-nnmamba-mic"
+    best = rest(url, "GET", "registered-models/alias", params={"name": name, "alias": "best"})["model_version"]
+    assert best["run_id"] == child["info"]["run_id"] and best["aliases"] == ["best"]
+    tags = {t["key"]: t["value"] for t in best["tags"]}
+    assert {k: tags[k] for k in ("study", "backbone", "variant", "seed")} == {
+        "study": STUDY, "backbone": "nnmamba", "variant": "mic", "seed": "0"}
+    assert {"selection_metric", "best_epoch", "git_commit"} <= set(tags), tags
+    assert best["description"].startswith(f"{STUDY} ")
+
+
 def test_local_run_never_joins_a_running_cluster(ray_cluster):
     """With a `ray start` cluster up on the host and no address given, a stage starts its own Ray."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
