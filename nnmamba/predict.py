@@ -121,14 +121,8 @@ def _parse(path: Path, channels: tuple[str, ...]) -> tuple[str, int]:
 def _complete_case(case_id: str, found: dict[int, Path], channels: Sequence[str]) -> CaseFiles:
     present = next(iter(found.values()))
     ending = file_ending(present)
-    named = len(channels) > 1 and present.name[: -len(ending)].endswith(tuple(f"-{name}" for name in channels))
-    if named:  # BraTS-style names: a missing channel is named the same way
-        missing = [(index, name) for index, name in enumerate(channels) if index not in found]
-        if missing:
-            index, name = missing[0]
-            raise DataError(f"case {case_id}: channel {index:04d} ({name}) missing, expected file "
-                            f"{present.parent / f'{case_id}-{name}{ending}'}")
-    images = channel_images(case_id, found, channels, present.parent, ending)
+    by_name = len(channels) > 1 and present.name[: -len(ending)].endswith(tuple(f"-{name}" for name in channels))
+    images = channel_images(case_id, found, channels, present.parent, ending, by_name)
     return CaseFiles(case_id, images, None)
 
 

@@ -21,6 +21,10 @@ def grid_point(trial: TrialSpec) -> str:
     return f"({trial.variant}, seed {trial.seed}" + ("" if trial.fold is None else f", fold {trial.fold}") + ")"
 
 
+def _selection_metric(trial: TrialSpec) -> str:
+    return get_task(trial.study.task).selection(bool(trial.val_cases))[0]
+
+
 class TrialProgress(ray.tune.Callback):
     """Prints `train <study>: <grid point> ...` lines from the driver as Tune reports trial events."""
 
@@ -31,7 +35,7 @@ class TrialProgress(ray.tune.Callback):
         if "epoch" not in result:   # the trainable's final summary, not an epoch
             return
         spec: TrialSpec = trial.config["trial"]
-        metric, _ = get_task(spec.study.task).selection(bool(spec.val_cases))
+        metric = _selection_metric(spec)
         parts = [f"train_loss {result['train_loss']:.4g}"]
         if metric != "epoch" and metric in result:
             parts.append(f"{metric} {result[metric]:.4g} (best {result[f'best_{metric}']:.4g})")
@@ -40,8 +44,7 @@ class TrialProgress(ray.tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        spec: TrialSpec = trial.config["trial"]
-        metric, _ = get_task(spec.study.task).selection(bool(spec.val_cases))
+        metric = _selection_metric(trial.config["trial"])
         best = result.get(f"best_{metric}")
         summary = f": best {metric} {best:.4g} at epoch {result.get('best_epoch')}" if best is not None else ""
         print(f"{self._name(trial)} done{summary} {self._tally(trials, ended=trial)}", flush=True)
@@ -58,8 +61,14 @@ class TrialProgress(ray.tune.Callback):
     def _tally(trials, running=None, ended=None, failed: bool = False) -> str:
         """`[k of n finished, f failed, r running]`; the trial of the event counts as in its new state
         (Tune may call back before it updates the trial's status)."""
-        states = Counter("RUNNING" if trial is running else ("ERROR" if failed else "TERMINATED") if trial is ended
-                         else trial.status for trial in trials)
+        def state(other) -> str:
+            if other is running:
+                return "RUNNING"
+            if other is ended:
+                return "ERROR" if failed else "TERMINATED"
+            return other.status
+
+        states = Counter(map(state, trials))
         finished = states["TERMINATED"] + states["ERROR"]
         errors = f", {states['ERROR']} failed" if states["ERROR"] else ""
         return f"[{finished} of {len(trials)} finished{errors}, {states['RUNNING']} running]"

@@ -118,12 +118,14 @@ def group_by_case(files: Iterable[Path], channel_of: Callable[[Path], tuple[str,
 
 
 def channel_images(case_id: str, channel_files: dict[int, Path], channels: Sequence[str], folder: Path,
-                   file_ending: str) -> dict[str, Path]:
-    """channel name -> file, in ``channels`` order; a missing channel is a DataError naming the file expected."""
+                   file_ending: str, by_name: bool = False) -> dict[str, Path]:
+    """channel name -> file, in ``channels`` order; a missing channel is a DataError naming the file
+    expected (``<case>_XXXX``, or ``<case>-<channel name>`` for files named by channel, as BraTS's)."""
     images = {}
     for index, name in enumerate(channels):
         if index not in channel_files:
-            expected = Path(folder) / f"{case_id}_{index:04d}{file_ending}"
+            expected = Path(folder) / (f"{case_id}-{name}{file_ending}" if by_name
+                                       else f"{case_id}_{index:04d}{file_ending}")
             raise DataError(f"case {case_id}: channel {index:04d} ({name}) missing, expected file {expected}")
         images[name] = channel_files[index]
     return images
