@@ -27,7 +27,7 @@ from _common import ResultFile
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("synthesize", "prepare", "split", "train", "evaluate")
 TIMING_KEYS = ("epoch_time_s", "train_time_s", "loader_wait_s", "val_time_s", "setup_time_s",
-               "worker_launch_s", "worker_imported_s", "trial_start_to_train_s", "trial_start_to_first_step_s")
+               "controller_launch_s", "worker_launch_s", "worker_imported_s", "trial_start_to_train_s", "trial_start_to_first_step_s")
 
 
 class GpuSampler(threading.Thread):

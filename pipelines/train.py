@@ -288,7 +288,7 @@ class MLflowTrialCallback(ray.tune.Callback):
     """
 
     LOGGED = ("epoch", "train_loss", "epoch_time_s", "train_time_s", "loader_wait_s", "val_time_s", "setup_time_s",
-              "worker_launch_s", "worker_imported_s", "trial_start_to_train_s", "trial_start_to_first_step_s", "lr")
+              "controller_launch_s", "worker_launch_s", "worker_imported_s", "trial_start_to_train_s", "trial_start_to_first_step_s", "lr")
 
     def __init__(self, runs: StudyRuns, parent_id: str, params: dict[str, str]):
         self.runs, self.parent_id, self.params = runs, parent_id, params

@@ -39,6 +39,16 @@ STATE_FILE = "state.pt"
 IMPORTED_AT = time.time()
 
 
+def _controller_launched_at() -> float | None:
+    """When this trial's Ray Train controller process started: the newest one on this node started
+    before this worker (None where the controller runs on another node)."""
+    mine = psutil.Process().create_time()
+    starts = [p.info["create_time"] for p in psutil.process_iter(["cmdline", "create_time"])
+              if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::TrainController")
+              and p.info["create_time"] <= mine]
+    return max(starts, default=None)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -185,11 +195,13 @@ def train_loop(config: dict) -> None:
     run_steps = partial(train_epoch, model, batches, loss_fn, optimizer, device=device, dtype=dtype,
                         channels_last=train.channels_last, captured_step=captured)
     # Where a trial's time goes: worker start-up (first epoch after each start only: wall-clock from
-    # the trial's start to this worker's process, to its imports done, to this loop, and to the first
-    # batch on hand, when the first step starts), the train steps and the part of them spent waiting
-    # for the loader, the validation, the whole epoch.
+    # the trial's start to Ray Train's controller process, to this worker's process, to its imports
+    # done, to this loop, and to the first batch on hand, when the first step starts), the train
+    # steps and the part of them spent waiting for the loader, the validation, the whole epoch.
     trial_started_at = config["trial_started_at"]
+    controller_at = _controller_launched_at()
     timing = {"setup_time_s": time.perf_counter() - entered,
+              **({"controller_launch_s": controller_at - trial_started_at} if controller_at else {}),
               "worker_launch_s": psutil.Process().create_time() - trial_started_at,
               "worker_imported_s": IMPORTED_AT - trial_started_at,
               "trial_start_to_train_s": time.time() - trial_started_at}
