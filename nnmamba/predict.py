@@ -1,5 +1,8 @@
 """Segment raw images with a trained model: the model's own preprocessing, sliding windows, raw geometry back.
 
+(``predict_task`` predicts with a model of any task: landmark and classification models go to
+``nnmamba.landmark_prediction`` and ``nnmamba.class_prediction``, with the same input cases.)
+
 A model bundle's ``prediction.json`` (``nnmamba.checkpoint``) carries the plan the model was trained
 with; a raw case is read and validated like in training, reoriented, normalised, cropped and
 resampled exactly as its training data were, predicted with Gaussian-weighted sliding windows (and
@@ -34,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnmamba.atomic import WriteError, staged
+from nnmamba.class_prediction import classify_cases
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
 from nnmamba.data.readers.nnunet import (
@@ -45,6 +49,7 @@ from nnmamba.data.readers.nnunet import (
 from nnmamba.data.preprocessing.plan import Preprocessing
 from nnmamba.data.preprocessing.preprocess import load_case, preprocess_subject, to_raw_geometry
 from nnmamba.inference import predict_labels, sliding_window_predict
+from nnmamba.landmark_prediction import locate_cases
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIRROR_AXES = (0, 1, 2)
@@ -250,3 +255,27 @@ def save_label_map(labels: tio.LabelMap, path: Path) -> None:
         with staged() as staging:
             for file in sorted(Path(scratch).iterdir()):
                 staging.file(path.parent / file.name, file.read_bytes())
+
+
+def predict_task(model: nn.Module, record: dict, cases: Sequence[CaseFiles], output_dir: Path,
+                 device: torch.device | str | None = None, tta: bool = False, overlap: float | None = None,
+                 progress: bool = True, save_probabilities: bool = False) -> list[Path]:
+    """Predict every case as the model's task does: label files (segmentation), ``<case>.json`` world
+    points (landmark), one ``probabilities.csv`` (classification); see each predictor's module.
+
+    Test-time mirroring uses the axes the model was evaluated with (a landmark model's record leaves
+    out the axes that swap left and right landmarks), all three for bundles that name none.
+    """
+    task = record.get("task", "segmentation")
+    mirror_axes = tuple(record.get("mirror_axes", MIRROR_AXES)) if tta else ()
+    if save_probabilities and task != "segmentation":
+        raise DataError(f"--save-probabilities is for segmentation models; this is a {task} model"
+                        + (" (its probabilities.csv holds them)" if task == "classification" else ""))
+    if task == "segmentation":
+        return predict_cases(model, record, cases, output_dir, device, mirror_axes, overlap, progress,
+                             save_probabilities)
+    if task == "landmark":
+        return locate_cases(model, record, cases, output_dir, device, mirror_axes, overlap, progress)
+    if task == "classification":
+        return classify_cases(model, record, cases, output_dir, device, mirror_axes, progress)
+    raise DataError(f"the model's prediction record names an unknown task {task!r}")

@@ -3,6 +3,8 @@
     nnmamba predict --model models/amos_ct/miccss-seed0 --input scans/ --output labels/ [--tta] [--device cpu]
     nnmamba predict -m models/brats2023/miccss-seed0 -i BraTS2023/ -o labels/ --save-probabilities
     nnmamba predict --model models:/nnmamba-seg-amos_ct-nnmamba-miccss@best --input amos_0507.nii.gz --output labels/
+    nnmamba predict -m models/fetal_cerebellum/miccss-seed0 -i scans/ -o points/     # <case>.json, RAS world mm
+    nnmamba predict -m models/adni_ad/miccss-seed0 -i scans/ -o out/                 # out/probabilities.csv
 
 `--model` is a model bundle folder (what `dvc repro` exports to `models/<study>/<variant>-seed<seed>/`)
 or a registered MLflow model, `models:/<name>/<version>` or `models:/<name>@<alias>` (`@best`: the
@@ -23,7 +25,7 @@ from torch import nn
 
 from nnmamba.checkpoint import load_bundle, load_prediction_record
 from nnmamba.data.errors import DataError
-from nnmamba.predict import MIRROR_AXES, find_input_cases, predict_cases
+from nnmamba.predict import find_input_cases, predict_task
 
 REGISTRY_SCHEME = "models:/"
 
@@ -55,11 +57,13 @@ def predict(args: argparse.Namespace) -> list[Path]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, record = load_model(args.model, device, args.tracking_uri)
     cases = find_input_cases(Path(args.input), record["channels"])
-    written = predict_cases(model, record, cases, Path(args.output), device=device,
-                            mirror_axes=MIRROR_AXES if args.tta else (), overlap=args.overlap,
-                            save_probabilities=args.save_probabilities)
+    written = predict_task(model, record, cases, Path(args.output), device=device, tta=args.tta, overlap=args.overlap,
+                           save_probabilities=args.save_probabilities)
+    task = record.get("task", "segmentation")
+    outputs = {"segmentation": f"{len(cases)} label file(s)", "landmark": f"{len(cases)} landmark file(s) (.json, RAS mm)",
+               "classification": f"the class probabilities of {len(cases)} case(s) ({written[0].name})"}[task]
     probabilities = f" and {len(cases)} probability file(s) (.npz)" if args.save_probabilities else ""
-    print(f"predict: {len(cases)} label file(s){probabilities} in {args.output}")
+    print(f"predict: {outputs}{probabilities} in {args.output}")
     return written
 
 
@@ -67,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnmamba", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    predict_parser = commands.add_parser("predict", help="segment raw images with a trained model")
+    predict_parser = commands.add_parser("predict", help="segment, locate landmarks or classify raw images with a trained model")
     # nnU-Net's short flags beside the long ones (nnUNetv2_predict -i ... -o ...).
     predict_parser.add_argument("-m", "--model", required=True,
                                 help="model bundle folder, models:/<name>/<version> or models:/<name>@best")
     predict_parser.add_argument("-i", "--input", required=True,
                                 help="an image file, a folder of image files or a folder of case folders (BraTS)")
-    predict_parser.add_argument("-o", "--output", required=True, help="folder for the label files")
-    predict_parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 views)")
+    predict_parser.add_argument("-o", "--output", required=True, help="folder for the label files, landmark JSON files or probabilities.csv")
+    predict_parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation along the axes the model was evaluated with (segmentation: 8 views)")
     predict_parser.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda when available")
     predict_parser.add_argument("--save-probabilities", "--save_probabilities", action="store_true",
                                 help="also write <case>.npz: the class probabilities on the label file's grid")

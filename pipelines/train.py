@@ -111,15 +111,6 @@ def study_digest(study: StudySpec) -> str:
     return config_hash(identity)
 
 
-def prediction_record(study: StudySpec, index: dict) -> dict | None:
-    """What `nnmamba predict` needs besides the weights (saved in every bundle); None for unplanned studies."""
-    plan = workspace.load_plan(study.name)
-    if plan is None:
-        return None
-    return {"task": study.task, "channels": index["channels"], "labels": index["labels"], "plan": plan,
-            "patch_size": list(study.train.patch_size), "overlap": study.evaluate.overlap}
-
-
 def backbone_kwargs(study: StudySpec, backbone: str) -> dict:
     """A competitor's constructor options: params.yaml's, plus the plan's spacing for one built from it (nnU-Net)."""
     options = dict(study.train.backbone_options.get(backbone, {}))
@@ -166,7 +157,7 @@ def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialS
                   storage_path=storage_path, dataset_dir=str(workspace.path(workspace.PREPROCESSED, study=study.name)),
                   train_cases=train, val_cases=val,
                   init_dir=str(upstream / workspace.trial_name(variant, seed, fold)) if upstream else None,
-                  arch=architecture(study, index, backbone, variant), prediction=prediction_record(study, index))
+                  arch=architecture(study, index, backbone, variant), prediction=get_task(study.task).prediction_record(study, index))
         for backbone, variant in study.train.grid() for seed in study.train.seeds
         for fold, (train, val) in fold_cases(split).items()
     ]

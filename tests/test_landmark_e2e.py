@@ -68,6 +68,23 @@ def test_repro_scores_the_written_predictions_against_the_raw_annotations(repro)
         assert np.isfinite(summary[variant]["test_mre_mm_mean"]["mean"])
 
 
+def test_predict_locates_a_raw_scan_as_evaluate_did(repro, tmp_path):
+    """`nnmamba predict` on a raw test scan preprocesses it as `prepare` did: the same world points
+    (mm) as evaluate's, from the bundle alone."""
+    root, env = repro
+    index = json.loads((root / f"data/preprocessed/{STUDY}/dataset.json").read_text())
+    case_id = json.loads((root / f"data/splits/{STUDY}.json").read_text())["test"][0]
+    raw_image = next(iter(index["cases"][case_id]["raw_images"].values()))
+    out = run_in(root, "nnmamba", "predict", "-m", f"models/{STUDY}/miccss-seed0", "-i", raw_image,
+                 "-o", tmp_path, "--tta", "-d", "cpu", env=env).stdout
+    assert "1 landmark file(s)" in out
+    written = json.loads(next(tmp_path.glob("*.json")).read_text())
+    evaluated = json.loads((root / f"predictions/{STUDY}/miccss-seed0/{case_id}.json").read_text())
+    assert written["unit"] == "mm" and list(written["landmarks"]) == NAMES
+    for name in NAMES:
+        assert written["landmarks"][name] == pytest.approx(evaluated["landmarks"][name], abs=1e-3)
+
+
 def test_repro_writes_the_table_4_report_and_the_slices_png(repro):
     root, _ = repro
     table = (root / f"reports/{STUDY}_table.md").read_text()

@@ -8,6 +8,8 @@ weights of the same variant and seed exactly: that shows the transfer, not just 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -108,6 +110,27 @@ def test_metrics_are_the_test_predictions_scored(repro, study, positive):
         logged = client.get_run(trial["run_id"]).data.metrics
         expected = per_seed[(trial["variant"], trial["seed"])]
         assert {k: logged[k] for k in expected} == pytest.approx(expected)
+
+
+def test_predict_classifies_raw_scans_as_evaluate_did(repro, tmp_path):
+    """`nnmamba predict` on a folder of raw test scans: the class probabilities evaluate wrote."""
+    root, env = repro
+    index = json.loads((root / "data/preprocessed/adni_ad/dataset.json").read_text())
+    test = json.loads((root / "data/splits/adni_ad.json").read_text())["test"]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for case_id in test:
+        raw = Path(next(iter(index["cases"][case_id]["raw_images"].values())))
+        shutil.copy(raw, scans / f"{case_id}{''.join(raw.suffixes)}")
+    out = run_in(root, "nnmamba", "predict", "-m", f"models/adni_ad/{VARIANTS[0]}-seed0", "-i", scans,
+                 "-o", tmp_path / "out", "-d", "cpu", "--tta", env=env).stdout
+    assert f"the class probabilities of {len(test)} case(s) (probabilities.csv)" in out
+    written = pd.read_csv(tmp_path / "out/probabilities.csv").sort_values("case_id")
+    evaluated = pd.read_csv(root / f"predictions/adni_ad/{VARIANTS[0]}-seed0.csv").sort_values("case_id")
+    assert written["case_id"].tolist() == evaluated["case_id"].tolist()
+    for column in ("p_NC", "p_AD"):
+        assert written[column].tolist() == pytest.approx(evaluated[column].tolist(), abs=1e-5)
+    assert written["predicted"].tolist() == [["NC", "AD"][i] for i in evaluated["predicted"]]
 
 
 @pytest.mark.parametrize("study", STUDIES)

@@ -57,6 +57,8 @@ class Task:
       records of one worker, `summarise(records of all workers)` -> `val_*` metrics, whose
       `selection_metric` picks a trial's checkpoint (`selection_mode`: max or min).
     - `input_shape(study)`: the spatial shape the network is fed (the MLflow model's example input).
+    - `prediction_record(study, index)`: what `nnmamba predict` needs besides the weights to
+      preprocess a raw case as `prepare` did (saved in every bundle; its `task` picks the predictor).
     - `report(studies, settings, out_dir)`: paper-shaped tables and figures of its evaluated
       studies (as params.yaml gives them, unresolved); returns the tables to print.
     - `mlflow_prefix`: the experiment of a study is `nnmamba-<prefix>-<dataset>`.
@@ -74,6 +76,7 @@ class Task:
     validate: Callable[..., list[dict[str, Any]]]
     summarise: Callable[[list[dict[str, Any]]], dict[str, float]]
     input_shape: Callable[[StudySpec], Sequence[int]]
+    prediction_record: Callable[[StudySpec, dict], dict]
     evaluator: Evaluator
     report: Callable[[list[StudySpec], ReportSpec, Path], list[Path]]
 

@@ -139,6 +139,14 @@ def report(studies: list[StudySpec], settings: ReportSpec, out_dir: Path) -> lis
     return classification_reports(studies, out_dir)
 
 
+def prediction_record(study: StudySpec, index: dict) -> dict:
+    """The spacing and shape of `prepare`, the class names in output order."""
+    return {"task": study.task, "channels": index["channels"],
+            "classes": [index["labels"][str(i)] for i in range(len(index["labels"]))],
+            "spacing": list(study.prepare.spacing), "shape": list(study.prepare.shape),
+            "mirror_axes": list(study.evaluate.mirror_axes)}
+
+
 TASK = Task(
     name="classification",
     mlflow_prefix="cls",
@@ -152,6 +160,7 @@ TASK = Task(
     validate=validate,
     summarise=summarise,
     input_shape=lambda study: study.prepare.shape,
+    prediction_record=prediction_record,
     evaluator=Evaluator(score, save_probabilities, per_seed, headline="test_auc"),
     report=report,
 )

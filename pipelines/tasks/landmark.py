@@ -124,6 +124,14 @@ def report(studies: list[StudySpec], settings: ReportSpec, out_dir: Path) -> lis
     return landmark_reports(studies, out_dir)
 
 
+def prediction_record(study: StudySpec, index: dict) -> dict:
+    """The spacing and crop margin of `prepare`, the landmark names in output order, the windows' settings."""
+    return {"task": study.task, "channels": index["channels"], "landmarks": index["landmarks"],
+            "spacing": index["spacing"], "crop_margin": study.prepare.crop_margin,
+            "patch_size": list(study.train.patch_size), "overlap": study.evaluate.overlap,
+            "mirror_axes": list(study.evaluate.mirror_axes)}
+
+
 TASK = Task(
     name="landmark",
     mlflow_prefix="landmark",
@@ -137,6 +145,7 @@ TASK = Task(
     validate=validate,
     summarise=summarise,
     input_shape=lambda study: study.train.patch_size,
+    prediction_record=prediction_record,
     evaluator=Evaluator(score, save_points, mean_per_seed, headline="test_mre_mm_mean"),
     report=report,
 )

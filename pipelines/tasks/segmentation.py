@@ -180,6 +180,13 @@ def report(studies: list[StudySpec], settings: ReportSpec, out_dir: Path) -> lis
     return segmentation_reports(studies, settings, out_dir)
 
 
+def prediction_record(study: StudySpec, index: dict) -> dict:
+    """The plan (normalisation, spacing, crop margin), channels, labels and sliding-window settings."""
+    return {"task": study.task, "channels": index["channels"], "labels": index["labels"],
+            "plan": workspace.load_plan(study.name), "patch_size": list(study.train.patch_size),
+            "overlap": study.evaluate.overlap, "mirror_axes": list(study.evaluate.mirror_axes)}
+
+
 TASK = Task(
     name="segmentation",
     mlflow_prefix="seg",
@@ -193,6 +200,7 @@ TASK = Task(
     validate=validate,
     summarise=summarise,
     input_shape=lambda study: study.train.patch_size,
+    prediction_record=prediction_record,
     evaluator=Evaluator(score, save_label_maps, mean_per_seed, headline="test_dice_mean"),
     report=report,
 )

@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torchio as tio
 from tqdm import tqdm
 
 from nnmamba.atomic import staged_directory
@@ -54,16 +55,23 @@ def prepare_landmark_dataset(
     return dataset
 
 
+def preprocess_landmark_case(raw: tio.Subject, spacing: Sequence[float], crop_margin: int
+                             ) -> tuple[tio.ScalarImage, dict]:
+    """The network input of one loaded case (``load_case``) and its properties: canonical, z-scored
+    inside the head mask, cropped to it, resampled to ``spacing``; its affine maps voxels to world mm."""
+    head_mask = Preprocessing.head_mask(raw["image"].num_channels)
+    preprocessing = Preprocessing(head_mask.normalization, target_spacing=tuple(float(s) for s in spacing))
+    subject, properties = preprocess_subject(raw, crop_margin, preprocessing)
+    return subject["image"], properties
+
+
 def _prepare_case(case: LandmarkCaseFiles, staging: Path, names: Sequence[str], spacing: Sequence[float],
                   crop_margin: int) -> dict:
     points = read_landmarks(case.points, names, case.case_id)
     raw = load_case(case, label_values=None)
     image_path = next(iter(case.images.values()))
     check_inside(case.case_id, points, raw["image"].affine, raw["image"].spatial_shape, f"the image {image_path}")
-    head_mask = Preprocessing.head_mask(raw["image"].num_channels)
-    preprocessing = Preprocessing(head_mask.normalization, target_spacing=tuple(float(s) for s in spacing))
-    subject, properties = preprocess_subject(raw, crop_margin, preprocessing)
-    image = subject["image"]
+    image, properties = preprocess_landmark_case(raw, spacing, crop_margin)
     check_inside(case.case_id, points, image.affine, image.spatial_shape,
                  f"the head-mask crop of {image_path} (fix the point, or raise prepare.crop_margin)")
     image_rel = f"images/{case.case_id}{IMAGE_SUFFIX}"

@@ -130,10 +130,15 @@ def check_inside(case_id: str, points: Mapping[str, Sequence[float]], affine: np
 
 def write_landmarks(path: Path, points: Mapping[str, Sequence[float]], coordinate_system: str = "RAS") -> None:
     """Write RAS world points as a landmarks JSON in ``coordinate_system`` (the reader's inverse)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(landmarks_json(points, coordinate_system))
+
+
+def landmarks_json(points: Mapping[str, Sequence[float]], coordinate_system: str = "RAS") -> str:
+    """RAS world points as the text of a landmarks JSON in ``coordinate_system``."""
     if coordinate_system not in TO_RAS:
         raise ValueError(f"unknown coordinate system {coordinate_system!r}; known: {sorted(TO_RAS)}")
     converted = {name: [float(v) for v in np.asarray(p, dtype=np.float64) * TO_RAS[coordinate_system]]
                  for name, p in points.items()}
     payload = {"coordinate_system": coordinate_system, "unit": "mm", "landmarks": converted}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    return json.dumps(payload, indent=2) + "\n"
