@@ -2,8 +2,8 @@
 
 Tune's default output repeats a table of every trial each 30 s and a box per trial start and end;
 in a grid of dozens of small trials that was most of a `dvc repro` log. A line per trial start,
-epoch, end and failure, with the grid's progress on the start and end lines, says the same. (Tune
-2.60 at verbose=0 still prints its status tables; silencing them is left to do.)
+epoch, end and failure, with the grid's progress on the start and end lines, says the same; Tune
+runs at verbose=0 and Ray Train's per-epoch INFO lines are off (pipelines.train, train_worker).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterable
@@ -188,6 +189,9 @@ def build_trainer(trial: TrialSpec, callbacks: list) -> TorchTrainer:
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             callbacks=[*callbacks, FailFast()],
+            # Ray Train's INFO lines (worker group started, process group set up, each checkpoint
+            # and report) repeat per trial and epoch; TrialProgress says what they say, once.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -251,9 +255,10 @@ def tune_grid(study: StudySpec, trials: list[TrialSpec], runs: StudyRuns, parent
             name=f"{study.name}-{trials[0].digest}-tune",
             storage_path=trials[0].storage_path,
             callbacks=[mlflow_callback, TrialProgress()],
-            verbose=0,   # TrialProgress prints a line per trial event (Tune 2.60 still prints its status tables)
+            verbose=0,   # TrialProgress prints a line per trial event instead of Tune's status tables
         ),
     )
+    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.WARNING)   # a line per trial: hparams dropped
     results = list(tuner.fit())
     if logged := mlflow_callback.log_seconds:
         print(f"train: MLflow logging took {1e3 * sum(logged) / len(logged):.1f} ms per epoch (mean of {len(logged)})")

@@ -11,6 +11,7 @@ once, naming it, and unretried (`pipelines.failures`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -47,6 +48,14 @@ def _controller_launched_at() -> float | None:
               if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::TrainController")
               and p.info["create_time"] <= mine]
     return max(starts, default=None)
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every `ray.train.report` at INFO on a logger named after its module's file,
+    which RunConfig's LoggingConfig (it filters `ray.train.*` names) does not reach."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _distributed() -> bool:
@@ -151,6 +160,7 @@ def _epoch_loss(trial: TrialSpec, epoch: int, run_steps, initial_loss: float | N
 def train_loop(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`; `config["trial"]` is the TrialSpec (pipelines/params.py)."""
     entered = time.perf_counter()
+    _quiet_report_lines()
     trial: TrialSpec = config["trial"]
     train, task = trial.study.train, get_task(trial.study.task)
     context = ray.train.get_context()
