@@ -266,7 +266,7 @@ def predict_task(model: nn.Module, record: dict, cases: Sequence[CaseFiles], out
     Test-time mirroring uses the axes the model was evaluated with (a landmark model's record leaves
     out the axes that swap left and right landmarks), all three for bundles that name none.
     """
-    task = record.get("task", "segmentation")
+    task = record["task"]
     mirror_axes = tuple(record.get("mirror_axes", MIRROR_AXES)) if tta else ()
     if save_probabilities and task != "segmentation":
         raise DataError(f"--save-probabilities is for segmentation models; this is a {task} model"

@@ -59,7 +59,7 @@ def predict(args: argparse.Namespace) -> list[Path]:
     cases = find_input_cases(Path(args.input), record["channels"])
     written = predict_task(model, record, cases, Path(args.output), device=device, tta=args.tta, overlap=args.overlap,
                            save_probabilities=args.save_probabilities)
-    task = record.get("task", "segmentation")
+    task = record["task"]
     outputs = {"segmentation": f"{len(cases)} label file(s)", "landmark": f"{len(cases)} landmark file(s) (.json, RAS mm)",
                "classification": f"the class probabilities of {len(cases)} case(s) ({written[0].name})"}[task]
     probabilities = f" and {len(cases)} probability file(s) (.npz)" if args.save_probabilities else ""

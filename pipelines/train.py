@@ -151,6 +151,7 @@ def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialS
     """Every (backbone, variant, seed, fold) of the study's grid, made runnable: the one place a trial is assembled."""
     index, split = workspace.load_index(study.name), workspace.load_split(study.name)
     upstream = init_models(study)
+    prediction = get_task(study.task).prediction_record(study, index)   # the same for every trial (reads the plan)
     return [
         TrialSpec(study=study, backbone=backbone, variant=variant, seed=seed, fold=fold, digest=digest,
                   optimizer=study.train.optimizer_for(study.task, backbone),
@@ -158,7 +159,7 @@ def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialS
                   storage_path=storage_path, dataset_dir=str(workspace.path(workspace.PREPROCESSED, study=study.name)),
                   train_cases=train, val_cases=val,
                   init_dir=str(upstream / workspace.trial_name(variant, seed, fold)) if upstream else None,
-                  arch=architecture(study, index, backbone, variant), prediction=get_task(study.task).prediction_record(study, index))
+                  arch=architecture(study, index, backbone, variant), prediction=prediction)
         for backbone, variant in study.train.grid() for seed in study.train.seeds
         for fold, (train, val) in fold_cases(split).items()
     ]
