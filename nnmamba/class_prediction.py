@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from nnmamba.atomic import staged
 from nnmamba.data.cases import CaseFiles
+from nnmamba.data.intensity_ranges import warn_if_out_of_range
 from nnmamba.data.preprocessing.preprocess import load_case
 from nnmamba.data.preprocessing.whole_volume import preprocess_volume
 from nnmamba.inference import class_probabilities
@@ -31,7 +32,9 @@ PROBABILITIES_FILE = "probabilities.csv"
 def classify_case(model: nn.Module, case: CaseFiles, record: dict, device: torch.device | str | None = None,
                   mirror_axes: Sequence[int] = ()) -> np.ndarray:
     """The class probabilities [K] of one raw case, in the order of ``record["classes"]``."""
-    volume = preprocess_volume(load_case(case, label_values=None), record["spacing"], record["shape"])
+    raw = load_case(case, label_values=None)
+    warn_if_out_of_range(case, raw["image"].data, record.get("intensity_ranges"))
+    volume = preprocess_volume(raw, record["spacing"], record["shape"])
     return class_probabilities(model, volume["image"].data, mirror_axes=mirror_axes, device=device)[0].numpy()
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from nnmamba.atomic import staged
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.preprocessing.landmarks import preprocess_landmark_case
+from nnmamba.data.intensity_ranges import warn_if_out_of_range
 from nnmamba.data.preprocessing.preprocess import load_case
 from nnmamba.data.readers.landmarks import landmarks_json
 from nnmamba.inference import predict_landmarks
@@ -28,7 +29,9 @@ from nnmamba.inference import predict_landmarks
 def locate_case(model: nn.Module, case: CaseFiles, record: dict, device: torch.device | str | None = None,
                 mirror_axes: Sequence[int] = (), overlap: float | None = None) -> dict[str, list[float]]:
     """Landmark name -> [x, y, z] RAS world mm of one raw case."""
-    image, _ = preprocess_landmark_case(load_case(case, label_values=None), record["spacing"], record["crop_margin"])
+    raw = load_case(case, label_values=None)
+    warn_if_out_of_range(case, raw["image"].data, record.get("intensity_ranges"))
+    image, _ = preprocess_landmark_case(raw, record["spacing"], record["crop_margin"])
     points = predict_landmarks(model, image.data, image.affine, record["patch_size"],
                                overlap=record["overlap"] if overlap is None else overlap, mirror_axes=mirror_axes,
                                device=device)

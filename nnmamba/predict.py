@@ -40,6 +40,7 @@ from nnmamba.atomic import WriteError, staged
 from nnmamba.class_prediction import classify_cases
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
+from nnmamba.data.intensity_ranges import warn_if_out_of_range
 from nnmamba.data.readers.nnunet import (
     CHANNEL_FILE,
     channel_file,
@@ -184,6 +185,7 @@ def predict_case(
     probabilities, on the grid of the case's first channel."""
     plan = record["plan"]
     subject = load_case(case, label_values=None)
+    warn_if_out_of_range(case, subject["image"].data, record.get("intensity_ranges"))
     preprocessed, properties = preprocess_subject(subject, plan["crop_margin"], Preprocessing.from_plan(plan))
     # The loaded raw image lies on the first channel's grid: the resampling target, not read again.
     arguments = (model, preprocessed["image"].data, properties, subject["image"], record["patch_size"])

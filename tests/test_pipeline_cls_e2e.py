@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchio as tio
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -122,15 +123,33 @@ def test_predict_classifies_raw_scans_as_evaluate_did(repro, tmp_path):
     for case_id in test:
         raw = Path(next(iter(index["cases"][case_id]["raw_images"].values())))
         shutil.copy(raw, scans / f"{case_id}{''.join(raw.suffixes)}")
-    out = run_in(root, "nnmamba", "predict", "-m", f"models/adni_ad/{VARIANTS[0]}-seed0", "-i", scans,
-                 "-o", tmp_path / "out", "-d", "cpu", "--tta", env=env).stdout
-    assert f"the class probabilities of {len(test)} case(s) (probabilities.csv)" in out
+    result = run_in(root, "nnmamba", "predict", "-m", f"models/adni_ad/{VARIANTS[0]}-seed0", "-i", scans,
+                    "-o", tmp_path / "out", "-d", "cpu", "--tta", env=env)
+    assert f"the class probabilities of {len(test)} case(s) (probabilities.csv)" in result.stdout
+    assert "InputRangeWarning" not in result.stderr   # the test scans are like the training ones
     written = pd.read_csv(tmp_path / "out/probabilities.csv").sort_values("case_id")
     evaluated = pd.read_csv(root / f"predictions/adni_ad/{VARIANTS[0]}-seed0.csv").sort_values("case_id")
     assert written["case_id"].tolist() == evaluated["case_id"].tolist()
     for column in ("p_NC", "p_AD"):
         assert written[column].tolist() == pytest.approx(evaluated[column].tolist(), abs=1e-5)
     assert written["predicted"].tolist() == [["NC", "AD"][i] for i in evaluated["predicted"]]
+
+
+def test_predict_warns_on_a_scan_in_a_signed_ct_like_scale(repro, tmp_path):
+    """The classifier was trained on magnitude MR (non-negative): a scan shifted by -1000 is classified,
+    with a warning that names its file."""
+    root, env = repro
+    index = json.loads((root / "data/preprocessed/adni_ad/dataset.json").read_text())
+    case_id = json.loads((root / "data/splits/adni_ad.json").read_text())["test"][0]
+    raw = tio.ScalarImage(next(iter(index["cases"][case_id]["raw_images"].values())))
+    shifted = tmp_path / "scans" / "shifted.nii.gz"
+    shifted.parent.mkdir()
+    tio.ScalarImage(tensor=raw.data.float() - 1000.0, affine=raw.affine).save(shifted)
+    result = run_in(root, "nnmamba", "predict", "-m", f"models/adni_ad/{VARIANTS[0]}-seed0", "-i", shifted.parent,
+                    "-o", tmp_path / "out", "-d", "cpu", env=env)
+    assert "InputRangeWarning: case shifted (" in result.stderr and str(shifted) in result.stderr
+    assert "non-negative" in result.stderr
+    assert pd.read_csv(tmp_path / "out/probabilities.csv")["case_id"].tolist() == ["shifted"]
 
 
 @pytest.mark.parametrize("study", STUDIES)

@@ -140,11 +140,12 @@ def report(studies: list[StudySpec], settings: ReportSpec, out_dir: Path) -> lis
 
 
 def prediction_record(study: StudySpec, index: dict) -> dict:
-    """The spacing and shape of `prepare`, the class names in output order."""
+    """The spacing and shape of `prepare`, the class names in output order; the span of the training images' intensities."""
     return {"task": study.task, "channels": index["channels"],
             "classes": [index["labels"][str(i)] for i in range(len(index["labels"]))],
             "spacing": list(study.prepare.spacing), "shape": list(study.prepare.shape),
-            "mirror_axes": list(study.evaluate.mirror_axes)}
+            "mirror_axes": list(study.evaluate.mirror_axes),
+            "intensity_ranges": index["intensity_ranges"]}
 
 
 TASK = Task(

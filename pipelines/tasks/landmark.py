@@ -125,11 +125,13 @@ def report(studies: list[StudySpec], settings: ReportSpec, out_dir: Path) -> lis
 
 
 def prediction_record(study: StudySpec, index: dict) -> dict:
-    """The spacing and crop margin of `prepare`, the landmark names in output order, the windows' settings."""
+    """The spacing and crop margin of `prepare`, the landmark names in output order, the windows' settings,
+    the span of the training images' intensities."""
     return {"task": study.task, "channels": index["channels"], "landmarks": index["landmarks"],
             "spacing": index["spacing"], "crop_margin": study.prepare.crop_margin,
             "patch_size": list(study.train.patch_size), "overlap": study.evaluate.overlap,
-            "mirror_axes": list(study.evaluate.mirror_axes)}
+            "mirror_axes": list(study.evaluate.mirror_axes),
+            "intensity_ranges": index["intensity_ranges"]}
 
 
 TASK = Task(

@@ -181,10 +181,12 @@ def report(studies: list[StudySpec], settings: ReportSpec, out_dir: Path) -> lis
 
 
 def prediction_record(study: StudySpec, index: dict) -> dict:
-    """The plan (normalisation, spacing, crop margin), channels, labels and sliding-window settings."""
+    """The plan (normalisation, spacing, crop margin), channels, labels and sliding-window settings, the
+    span of the training images' intensities."""
     return {"task": study.task, "channels": index["channels"], "labels": index["labels"],
             "plan": workspace.load_plan(study.name), "patch_size": list(study.train.patch_size),
-            "overlap": study.evaluate.overlap, "mirror_axes": list(study.evaluate.mirror_axes)}
+            "overlap": study.evaluate.overlap, "mirror_axes": list(study.evaluate.mirror_axes),
+            "intensity_ranges": index["intensity_ranges"]}
 
 
 TASK = Task(

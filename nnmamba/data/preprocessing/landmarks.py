@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from nnmamba.atomic import staged_directory
 from nnmamba.data.errors import DataError
+from nnmamba.data.intensity_ranges import dataset_ranges, image_ranges
 from nnmamba.data.readers.landmarks import LandmarkCaseFiles, check_inside, read_landmarks
 from nnmamba.data.preprocessing.plan import Preprocessing
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case, preprocess_subject
@@ -50,7 +51,8 @@ def prepare_landmark_dataset(
                 raise DataError(f"case {case.case_id}: case id appears twice")
             entries[case.case_id] = _prepare_case(case, staging, names, spacing, crop_margin)
         dataset = {"channels": channels, "landmarks": list(names), "spacing": [float(s) for s in spacing],
-                   "cases": entries}
+                   "cases": entries,
+                   "intensity_ranges": dataset_ranges([e["intensity_range"] for e in entries.values()], channels)}
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
     return dataset
 
@@ -83,4 +85,5 @@ def _prepare_case(case: LandmarkCaseFiles, staging: Path, names: Sequence[str], 
         "raw_points": str(Path(case.points).resolve()),
         "landmarks_mm": points,
         "properties": properties,
+        "intensity_range": image_ranges(raw["image"].data),
     }

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from nnmamba.atomic import staged_directory
 from nnmamba.data.cases import CaseFiles
 from nnmamba.data.errors import DataError
+from nnmamba.data.intensity_ranges import dataset_ranges, image_ranges
 from nnmamba.data.parallel import map_cases
 from nnmamba.data.preprocessing.plan import ChannelNormalization, Preprocessing
 
@@ -327,7 +328,8 @@ def prepare_dataset(
         for case, (entry, labels) in zip(cases, map_cases(prepare, cases, workers, desc="prepare", progress=progress)):
             entries[case.case_id] = entry
             seen_labels |= labels
-        dataset = {"channels": channels, "labels": _label_names(label_values, seen_labels), "cases": entries}
+        dataset = {"channels": channels, "labels": _label_names(label_values, seen_labels), "cases": entries,
+                   "intensity_ranges": dataset_ranges([e["intensity_range"] for e in entries.values()], channels)}
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
         for name, content in (metadata or {}).items():
             (staging / name).write_text(json.dumps(content, indent=2))
@@ -354,7 +356,8 @@ def _prepare_case(
 ) -> tuple[dict, set[int]]:
     """Write one preprocessed case into the staging folder; its dataset.json entry and the label values it holds."""
     seen_labels: set[int] = set()
-    subject, properties = preprocess_subject(load_case(case, label_values), crop_margin, preprocessing)
+    raw = load_case(case, label_values)
+    subject, properties = preprocess_subject(raw, crop_margin, preprocessing)
     image_rel = f"images/{case.case_id}{IMAGE_SUFFIX}"
     subject["image"].save(staging / image_rel)
     entry = {
@@ -364,6 +367,7 @@ def _prepare_case(
         "raw_label": None,
         "subset": case.subset,
         "properties": properties,
+        "intensity_range": image_ranges(raw["image"].data),
     }
     if "label" in subject:
         seen_labels.update(int(v) for v in torch.unique(subject["label"].data))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from nnmamba.atomic import staged_directory
 from nnmamba.data.cases import ClassifiedCase
 from nnmamba.data.errors import DataError
+from nnmamba.data.intensity_ranges import dataset_ranges, image_ranges
 from nnmamba.data.preprocessing.preprocess import DATASET_JSON, IMAGE_SUFFIX, load_case
 
 MASK_KEY = "head"
@@ -70,15 +71,17 @@ def prepare_classification_dataset(
     replaces ``out_dir`` only when every case succeeded. Returns the dataset.json content.
     """
     selected = _select_cases(cases, classes)
+    channels = list(selected[0].images)
     with staged_directory(Path(out_dir)) as staging:
         (staging / "images").mkdir()
         entries = {}
         for case in tqdm(selected, desc="prepare", unit="case", disable=not progress):
             entries[case.case_id] = _prepare_case(case, staging, classes, spacing, shape)
         dataset = {
-            "channels": list(selected[0].images),
+            "channels": channels,
             "labels": {str(i): name for i, name in enumerate(classes)},
             "cases": entries,
+            "intensity_ranges": dataset_ranges([e["intensity_range"] for e in entries.values()], channels),
         }
         (staging / DATASET_JSON).write_text(json.dumps(dataset, indent=2))
     return dataset
@@ -109,6 +112,7 @@ def _prepare_case(case: ClassifiedCase, staging: Path, classes: Sequence[str], s
         "class_name": case.class_name,
         "class_index": list(classes).index(case.class_name),
         "raw_images": {name: str(Path(path).resolve()) for name, path in case.images.items()},
+        "intensity_range": image_ranges(raw["image"].data),
         "properties": {
             "raw_shape": list(raw["image"].spatial_shape),
             "raw_spacing": [float(s) for s in raw["image"].spacing],
