@@ -2,10 +2,12 @@
 
 GPU (issue target: the torch scan within 20x of the kernel, forward + backward, same run):
 B=2, D=128, L=32768, N=16, float32, with D, z, delta_bias and softplus as the Mamba block uses them.
+Triton (`--triton`, issue #18's target: forward + backward >= 2.5x faster than mamba-ssm's kernels): the
+training step's largest call, B=8, D=128, L=32768, N=16, bf16, nnmamba.selective_scan_triton vs mamba-ssm.
 CPU (target: the parallel scan >= 50x the sequential reference): B=1, D=64, N=16, L=4096, forward
 and forward + backward, with a sweep over `chunk_size` to show how the chunk length matters.
 
-    python benchmarks/scan_speed.py --out benchmarks/results/scan_speed.json [--skip-gpu] [--skip-cpu]
+    python benchmarks/scan_speed.py --out benchmarks/results/scan_speed.json [--skip-gpu] [--skip-cpu] [--triton]
 """
 
 from __future__ import annotations
@@ -78,6 +80,28 @@ def gpu_comparison(results: ResultFile, repeats: int) -> None:
     results.add(entry)
 
 
+def triton_comparison(results: ResultFile, repeats: int) -> None:
+    """mamba-ssm's kernels vs the Triton scan at the step's largest call, bf16 inputs, float32 A, D, bias."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    from nnmamba.selective_scan_triton import selective_scan_triton
+
+    inputs = {key: value.to(torch.bfloat16) if value.dim() == 3 else value
+              for key, value in scan_inputs(8, 128, 16, 32768, "cuda").items()}
+    with torch.no_grad():
+        error = relative_error(selective_scan_triton(**inputs, delta_softplus=True),
+                               selective_scan_fn(**inputs, delta_softplus=True))
+    entry = {"where": "gpu", "gpu": torch.cuda.get_device_name(), "dtype": "bf16",
+             "shape": {"B": 8, "D": 128, "L": 32768, "N": 16}, "relative_error_triton_vs_cuda": error}
+    for mode, wrap in (("forward", forward_only), ("forward_backward", forward_backward)):
+        for name, scan in (("triton", selective_scan_triton), ("cuda", selective_scan_fn)):
+            entry[f"{name}_{mode}"] = summary(cuda_time_ms(wrap(scan, inputs), repeats=repeats, warmup=2))
+        entry[f"speedup_{mode}"] = entry[f"cuda_{mode}"]["median_ms"] / entry[f"triton_{mode}"]["median_ms"]
+        print(f"GPU {mode:17s} triton {entry[f'triton_{mode}']['median_ms']:7.3f} ms  cuda "
+              f"{entry[f'cuda_{mode}']['median_ms']:7.3f} ms  speed-up {entry[f'speedup_{mode}']:4.2f}x", flush=True)
+    results.add(entry)
+
+
 def cpu_comparison(results: ResultFile, repeats: int, chunks: list[int | None]) -> None:
     inputs = scan_inputs(1, 64, 16, 4096, "cpu")
     entry = {"where": "cpu", "shape": {"B": 1, "D": 64, "L": 4096, "N": 16}, "threads": torch.get_num_threads()}
@@ -100,11 +124,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-gpu", action="store_true")
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--triton", action="store_true", help="also time nnmamba.selective_scan_triton (GPU)")
     parser.add_argument("--chunks", nargs="+", default=["None", "2048", "1024", "512", "256"])
     args = parser.parse_args()
     results = ResultFile(args.out, {"benchmark": "scan_speed"})
     if not args.skip_gpu and torch.cuda.is_available() and cuda_kernels_available():
         gpu_comparison(results, args.repeats)
+        if args.triton:
+            triton_comparison(results, args.repeats)
     if not args.skip_cpu:
         cpu_comparison(results, args.repeats, [None if c == "None" else int(c) for c in args.chunks])
 

@@ -26,6 +26,7 @@ The kernels are the compiled extensions of mamba-ssm (`selective_scan_cuda`) and
 from __future__ import annotations
 
 import functools
+import logging
 from types import ModuleType
 
 import torch
@@ -33,12 +34,67 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
+SCAN_KERNELS = ("mamba-ssm", "triton")
+_scan_kernels = "mamba-ssm"
+log = logging.getLogger(__name__)
+
+
 @functools.cache
-def _extensions() -> tuple[ModuleType, ModuleType]:
+def _compiled_extensions() -> tuple[ModuleType, ModuleType]:
     import causal_conv1d_cuda
     import selective_scan_cuda
 
     return causal_conv1d_cuda, selective_scan_cuda
+
+
+def _extensions() -> tuple[ModuleType, ModuleType]:
+    """(causal-conv1d, the selective scan chosen by `use_scan_kernels`): both have mamba-ssm's fwd/bwd."""
+    conv1d, scan = _compiled_extensions()
+    if _scan_kernels == "triton":
+        from nnmamba import selective_scan_triton
+
+        return conv1d, selective_scan_triton
+    return conv1d, scan
+
+
+def use_scan_kernels(name: str) -> str:
+    """Run the fused block's selective scan on mamba-ssm's kernels or on ``nnmamba.selective_scan_triton``.
+
+    Triton compiles at the first launch, so "triton" is first compiled and checked against mamba-ssm
+    on a small CUDA problem; if Triton is missing, fails to build or disagrees, one warning says
+    so and mamba-ssm's kernels stay in use. Returns the kernels now in use.
+    """
+    global _scan_kernels
+    if name not in SCAN_KERNELS:
+        raise ValueError(f"scan kernels must be one of {SCAN_KERNELS}, got {name!r}")
+    if name == "triton":
+        try:
+            _check_triton_scan()
+        except Exception as error:   # any build or launch failure: keep the kernels that work
+            log.warning("Triton selective scan unavailable, using mamba-ssm's kernels: %s", error)
+            name = "mamba-ssm"
+    _scan_kernels = name
+    return name
+
+
+def _check_triton_scan() -> None:
+    """One small fwd + bwd of both scans on CUDA (builds the Triton kernels); raises if they disagree."""
+    from nnmamba import selective_scan_triton
+
+    _, reference = _compiled_extensions()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, channels, length, d_state = 2, 48, 300, 16
+    u, delta, z, grad = (torch.randn(batch, channels, length, device="cuda", generator=generator) for _ in range(4))
+    B, C = (torch.randn(batch, 1, d_state, length, device="cuda", generator=generator) for _ in range(2))
+    A = -torch.rand(channels, d_state, device="cuda", generator=generator) - 0.1
+    D, bias = (torch.randn(channels, device="cuda", generator=generator) for _ in range(2))
+    results = []
+    for scan in (reference, selective_scan_triton):
+        out, states, out_z = scan.fwd(u, delta, A, B, C, D, z, bias, True)
+        results.append((out_z, *scan.bwd(u, delta, A, B, C, D, z, bias, grad, states, out, None, True, False)[:8]))
+    for name, mine, theirs in zip(("out_z", "du", "ddelta", "dA", "dB", "dC", "dD", "dbias", "dz"), *results[::-1]):
+        if not torch.allclose(mine.float(), theirs.float(), rtol=1e-3, atol=1e-3 * float(theirs.abs().max())):
+            raise RuntimeError(f"its {name} differs from mamba-ssm's by {float((mine - theirs).abs().max()):.3g}")
 
 
 @functools.cache
@@ -48,7 +104,7 @@ def kernels_importable() -> bool:
     Cached because a failed import of a CUDA extension is slow and never changes in a process.
     """
     try:
-        _extensions()
+        _compiled_extensions()
     except (ImportError, OSError):
         return False
     return True

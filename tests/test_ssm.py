@@ -454,3 +454,17 @@ def test_upstream_mamba_shares_our_state_dict(backend, exact_fp32):
     hidden = torch.randn(2, 300, 24, device="cuda")
     assert relative_error(ours(hidden), upstream(hidden)) < 1e-3
     upstream.load_state_dict(ours.state_dict())
+
+
+def test_the_triton_scan_falls_back_to_mamba_ssm_with_one_warning_where_it_cannot_build(caplog) -> None:
+    """Without CUDA (or Triton, or mamba-ssm to check it against) the fused block keeps mamba-ssm's scan."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the Triton scan may build: tests/test_selective_scan_triton.py covers it")
+    from nnmamba import ssm_kernels
+
+    with caplog.at_level("WARNING", logger="nnmamba.ssm_kernels"):
+        assert ssm_kernels.use_scan_kernels("triton") == "mamba-ssm"
+    assert [r.message.split(":")[0] for r in caplog.records] == [
+        "Triton selective scan unavailable, using mamba-ssm's kernels"]
+    with pytest.raises(ValueError, match="scan kernels must be one of"):
+        ssm_kernels.use_scan_kernels("cutlass")
