@@ -48,6 +48,10 @@ for step in "$@"; do
         tests/test_upsampling.py tests/test_models.py tests/test_models_cls.py tests/test_losses.py \
         tests/test_engine.py \
         -q -rA -p no:cacheprovider --junitxml="$RES/gpu_tests.xml" ;;
+    triton_scan) run_step triton_tests 200 "$SRC" branch python3 -m pytest tests/test_selective_scan_triton.py \
+        -q -rA -p no:cacheprovider --junitxml="$RES/triton_tests.xml"
+      run_step triton_speed 150 "$SRC" branch python3 "$S/scan_speed.py" --out "$RES/scan_speed.json" --skip-cpu \
+        --triton ;;
     loader_tests) run_step loader_tests 200 "$SRC" branch python3 -m pytest tests/test_sampling.py \
         tests/test_array_patches.py tests/test_engine.py -q -rA -p no:cacheprovider --junitxml="$RES/loader_tests.xml" ;;
     scan_ncu) run_step scan_ncu 200 "$SRC" branch ncu --kernel-name "regex:selective_scan_${NCU_PASS:-}" \
