@@ -10,12 +10,14 @@ this environment.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import mlflow
 import numpy as np
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
@@ -45,23 +47,28 @@ def model_requirements() -> list[str]:
 
 
 @contextmanager
-def _quiet_pickle_warning() -> Iterator[None]:
-    """MLflow warns on every pickled PyTorch model. Here that flavour is only what `models:/` URIs
-    load; the bundles nnmamba reads are weights-only (nnmamba.checkpoint), so the warning is noise
-    in a log of many models."""
+def _quiet_model_logging() -> Iterator[None]:
+    """Without MLflow's per-model noise: the warning on every pickled PyTorch model (that flavour is
+    only what `models:/` URIs load; the bundles nnmamba reads are weights-only, nnmamba.checkpoint)
+    and the two "Downloading artifacts" progress bars that registering each version prints."""
     logger = logging.getLogger("mlflow.pytorch")
-    level = logger.level
+    level, progress = logger.level, os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
     logger.setLevel(logging.ERROR)
+    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"
     try:
         yield
     finally:
         logger.setLevel(level)
+        if progress is None:
+            os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+        else:
+            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = progress
 
 
 def log_network(model: nn.Module, arch: dict, input_shape: Sequence[int], dense: bool, registered_name: str | None,
                 extra_files: list[str]) -> None:
     """Log `model` into the active run as `model/` (registering it under `registered_name` when given)."""
-    with _quiet_pickle_warning():
+    with _quiet_model_logging():
         mlflow.pytorch.log_model(model, name="model", signature=model_signature(arch, input_shape, dense),
                                  pip_requirements=model_requirements(), registered_model_name=registered_name,
                                  serialization_format="pickle", extra_files=extra_files)
