@@ -21,7 +21,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
-from tqdm import tqdm
 
 from nnmamba.atomic import staged_directory
 from nnmamba.data.cases import CaseFiles
