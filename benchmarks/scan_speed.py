@@ -59,6 +59,16 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+MODES = (("forward", forward_only), ("forward_backward", forward_backward))
+
+
+def time_scans(entry: dict, scans: dict[str, Callable[..., torch.Tensor]], inputs: dict, repeats: int) -> None:
+    """entry[f"{name}_{mode}"]: CUDA timings of each scan, forward and forward + backward, same inputs."""
+    for mode, wrap in MODES:
+        for name, scan in scans.items():
+            entry[f"{name}_{mode}"] = summary(cuda_time_ms(wrap(scan, inputs), repeats=repeats, warmup=2))
+
+
 def gpu_comparison(results: ResultFile, repeats: int) -> None:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
@@ -68,9 +78,8 @@ def gpu_comparison(results: ResultFile, repeats: int) -> None:
         error = relative_error(selective_scan(**inputs, delta_softplus=True),
                                selective_scan_fn(**inputs, delta_softplus=True))
     entry = {"where": "gpu", "shape": {"B": 2, "D": 128, "L": 32768, "N": 16}, "relative_error_torch_vs_cuda": error}
-    for mode, wrap in (("forward", forward_only), ("forward_backward", forward_backward)):
-        for name, scan in (("torch", selective_scan), ("cuda", selective_scan_fn)):
-            entry[f"{name}_{mode}"] = summary(cuda_time_ms(wrap(scan, inputs), repeats=repeats, warmup=2))
+    time_scans(entry, {"torch": selective_scan, "cuda": selective_scan_fn}, inputs, repeats)
+    for mode, _ in MODES:
         entry[f"ratio_{mode}"] = entry[f"torch_{mode}"]["median_ms"] / entry[f"cuda_{mode}"]["median_ms"]
         print(f"GPU {mode:17s} torch {entry[f'torch_{mode}']['median_ms']:8.2f} ms  cuda "
               f"{entry[f'cuda_{mode}']['median_ms']:6.3f} ms  ratio {entry[f'ratio_{mode}']:5.1f}x", flush=True)
@@ -93,9 +102,8 @@ def triton_comparison(results: ResultFile, repeats: int) -> None:
                                selective_scan_fn(**inputs, delta_softplus=True))
     entry = {"where": "gpu", "gpu": torch.cuda.get_device_name(), "dtype": "bf16",
              "shape": {"B": 8, "D": 128, "L": 32768, "N": 16}, "relative_error_triton_vs_cuda": error}
-    for mode, wrap in (("forward", forward_only), ("forward_backward", forward_backward)):
-        for name, scan in (("triton", selective_scan_triton), ("cuda", selective_scan_fn)):
-            entry[f"{name}_{mode}"] = summary(cuda_time_ms(wrap(scan, inputs), repeats=repeats, warmup=2))
+    time_scans(entry, {"triton": selective_scan_triton, "cuda": selective_scan_fn}, inputs, repeats)
+    for mode, _ in MODES:
         entry[f"speedup_{mode}"] = entry[f"cuda_{mode}"]["median_ms"] / entry[f"triton_{mode}"]["median_ms"]
         print(f"GPU {mode:17s} triton {entry[f'triton_{mode}']['median_ms']:7.3f} ms  cuda "
               f"{entry[f'cuda_{mode}']['median_ms']:7.3f} ms  speed-up {entry[f'speedup_{mode}']:4.2f}x", flush=True)

@@ -33,7 +33,6 @@ from torch import Tensor
 
 CHUNK = 128          # positions per program
 CHANNELS = 32        # channels per program
-SOFTPLUS_THRESHOLD = 20.0
 
 
 @triton.jit
@@ -43,13 +42,44 @@ def _then(a1, b1, a2, b2):
 
 
 @triton.jit
-def _delta(delta_ptr, bias_ptr, offs_d, offs_t, stride_d, mask, mask_d, SOFTPLUS: tl.constexpr):
-    """softplus(delta + bias) in float32, 0 outside the sequence (so a = 1 and b = 0 there)."""
-    raw = tl.load(delta_ptr + offs_d[:, None] * stride_d + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+def _tile(channels, length, BD: tl.constexpr, T: tl.constexpr):
+    """This program's (chunk, channel block, sequence), its channel and position offsets and masks."""
+    chunk, block, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = block * BD + tl.arange(0, BD)
+    offs_t = chunk * T + tl.arange(0, T)
+    mask_d, mask_t = offs_d < channels, offs_t < length
+    return chunk, seq, offs_d, offs_t, mask_d, mask_t, mask_d[:, None] & mask_t[None, :]
+
+
+@triton.jit
+def _load(ptr, seq, stride_b, stride_d, offs_d, offs_t, mask):
+    """A [channels, T] tile of a [batch, channels, L] tensor, in float32 (0 outside)."""
+    return tl.load(ptr + seq * stride_b + offs_d[:, None] * stride_d + offs_t[None, :], mask=mask, other=0.0
+                   ).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, seq, stride_b, stride_d, offs_d, offs_t, mask, value):
+    tl.store(ptr + seq * stride_b + offs_d[:, None] * stride_d + offs_t[None, :], value, mask=mask)
+
+
+@triton.jit
+def _row(ptr, seq, stride_b, stride_n, n, offs_t, mask_t):
+    """State n's [T] row of B or C ([batch, N, L]), in float32."""
+    return tl.load(ptr + seq * stride_b + n * stride_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _delta(delta_ptr, bias_ptr, seq, stride_b, stride_d, offs_d, offs_t, mask, mask_d, SOFTPLUS: tl.constexpr):
+    """(delta, d delta / d raw delta): softplus(delta + bias) in float32 with torch's threshold of 20,
+    and its slope. Outside the sequence delta is 0, so a = 1 and b = 0 there."""
+    raw = _load(delta_ptr, seq, stride_b, stride_d, offs_d, offs_t, mask)
     raw += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+    slope = raw * 0.0 + 1.0
     if SOFTPLUS:
+        slope = tl.where(raw <= 20.0, tl.sigmoid(raw), 1.0)
         raw = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
-    return tl.where(mask, raw, 0.0)
+    return tl.where(mask, raw, 0.0), slope
 
 
 @triton.jit
@@ -59,21 +89,28 @@ def _column(tile, index, T: tl.constexpr):
 
 
 @triton.jit
+def _grad_y(dout_ptr, z_ptr, seq, offs_d, offs_t, mask, sg_b, sg_d, sz_b, sz_d, HAS_Z: tl.constexpr):
+    """(dL/dy through the gate, silu(z), d silu(z)/dz, dL/d out); without z: (dout, 1, 0, dout)."""
+    dout = _load(dout_ptr, seq, sg_b, sg_d, offs_d, offs_t, mask)
+    if HAS_Z:
+        z = _load(z_ptr, seq, sz_b, sz_d, offs_d, offs_t, mask)
+        gate = tl.sigmoid(z)
+        return dout * z * gate, z * gate, gate * (1.0 + z * (1.0 - gate)), dout
+    return dout, dout * 0.0 + 1.0, dout * 0.0, dout
+
+
+@triton.jit
 def _fwd_summary(u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, decay_ptr, end_ptr,
                  channels, length, n_chunks, su_b, su_d, sd_b, sd_d, sA_d, sB_b, sB_n,
                  N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr):
-    chunk, block, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = block * BD + tl.arange(0, BD)
-    offs_t = chunk * T + tl.arange(0, T)
-    mask_d, mask_t = offs_d < channels, offs_t < length
-    mask = mask_d[:, None] & mask_t[None, :]
-    u = tl.load(u_ptr + seq * su_b + offs_d[:, None] * su_d + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
-    dt = _delta(delta_ptr + seq * sd_b, bias_ptr, offs_d, offs_t, sd_d, mask, mask_d, SOFTPLUS)
+    chunk, seq, offs_d, offs_t, mask_d, mask_t, mask = _tile(channels, length, BD, T)
+    u = _load(u_ptr, seq, su_b, su_d, offs_d, offs_t, mask)
+    dt, _ = _delta(delta_ptr, bias_ptr, seq, sd_b, sd_d, offs_d, offs_t, mask, mask_d, SOFTPLUS)
     dtu = dt * u
     out = ((seq * channels + offs_d) * n_chunks + chunk) * N
     for n in range(N):
         A_n = tl.load(A_ptr + offs_d * sA_d + n, mask=mask_d, other=0.0)
-        B_n = tl.load(B_ptr + seq * sB_b + n * sB_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+        B_n = _row(B_ptr, seq, sB_b, sB_n, n, offs_t, mask_t)
         decay, state = tl.associative_scan((tl.exp(dt * A_n[:, None]), dtu * B_n[None, :]), 1, _then)
         tl.store(decay_ptr + out + n, _column(decay, T - 1, T), mask=mask_d)
         tl.store(end_ptr + out + n, _column(state, T - 1, T), mask=mask_d)
@@ -104,13 +141,9 @@ def _fwd_output(u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, s
                 sA_d, sB_b, sB_n, sC_b, sC_n,
                 N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    chunk, block, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = block * BD + tl.arange(0, BD)
-    offs_t = chunk * T + tl.arange(0, T)
-    mask_d, mask_t = offs_d < channels, offs_t < length
-    mask = mask_d[:, None] & mask_t[None, :]
-    u = tl.load(u_ptr + seq * su_b + offs_d[:, None] * su_d + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
-    dt = _delta(delta_ptr + seq * sd_b, bias_ptr, offs_d, offs_t, sd_d, mask, mask_d, SOFTPLUS)
+    chunk, seq, offs_d, offs_t, mask_d, mask_t, mask = _tile(channels, length, BD, T)
+    u = _load(u_ptr, seq, su_b, su_d, offs_d, offs_t, mask)
+    dt, _ = _delta(delta_ptr, bias_ptr, seq, sd_b, sd_d, offs_d, offs_t, mask, mask_d, SOFTPLUS)
     dtu = dt * u
     y = tl.zeros([BD, T], dtype=tl.float32)
     if HAS_D:
@@ -118,46 +151,29 @@ def _fwd_output(u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, s
     start = ((seq * channels + offs_d) * n_chunks + chunk) * N
     for n in range(N):
         A_n = tl.load(A_ptr + offs_d * sA_d + n, mask=mask_d, other=0.0)
-        B_n = tl.load(B_ptr + seq * sB_b + n * sB_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-        C_n = tl.load(C_ptr + seq * sC_b + n * sC_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+        B_n = _row(B_ptr, seq, sB_b, sB_n, n, offs_t, mask_t)
+        C_n = _row(C_ptr, seq, sC_b, sC_n, n, offs_t, mask_t)
         decay, state = tl.associative_scan((tl.exp(dt * A_n[:, None]), dtu * B_n[None, :]), 1, _then)
         h0 = tl.load(start_ptr + start + n, mask=mask_d, other=0.0)
         y += (state + decay * h0[:, None]) * C_n[None, :]
-    tl.store(out_ptr + seq * so_b + offs_d[:, None] * so_d + offs_t[None, :], y, mask=mask)
+    _store(out_ptr, seq, so_b, so_d, offs_d, offs_t, mask, y)
     if HAS_Z:
-        z = tl.load(z_ptr + seq * sz_b + offs_d[:, None] * sz_d + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_z_ptr + seq * soz_b + offs_d[:, None] * soz_d + offs_t[None, :], y * z * tl.sigmoid(z), mask=mask)
-
-
-@triton.jit
-def _grad_y(dout_ptr, z_ptr, seq, offs_d, offs_t, mask, sg_b, sg_d, sz_b, sz_d, HAS_Z: tl.constexpr):
-    """dL/dy (through the gate) and the gate's silu(z), dsilu(z)/dz factors (1, 0 without z)."""
-    dout = tl.load(dout_ptr + seq * sg_b + offs_d[:, None] * sg_d + offs_t[None, :], mask=mask, other=0.0
-                   ).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + seq * sz_b + offs_d[:, None] * sz_d + offs_t[None, :], mask=mask, other=0.0
-                    ).to(tl.float32)
-        gate = tl.sigmoid(z)
-        return dout * z * gate, z * gate, gate * (1.0 + z * (1.0 - gate)), dout
-    return dout, dout * 0.0 + 1.0, dout * 0.0, dout
+        z = _load(z_ptr, seq, sz_b, sz_d, offs_d, offs_t, mask)
+        _store(out_z_ptr, seq, soz_b, soz_d, offs_d, offs_t, mask, y * z * tl.sigmoid(z))
 
 
 @triton.jit
 def _bwd_summary(delta_ptr, bias_ptr, A_ptr, C_ptr, dout_ptr, z_ptr, decay_ptr, end_ptr,
                  channels, length, n_chunks, sd_b, sd_d, sC_b, sC_n, sg_b, sg_d, sz_b, sz_d, sA_d,
                  N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr):
-    chunk, block, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = block * BD + tl.arange(0, BD)
-    offs_t = chunk * T + tl.arange(0, T)
-    mask_d, mask_t = offs_d < channels, offs_t < length
-    mask = mask_d[:, None] & mask_t[None, :]
+    chunk, seq, offs_d, offs_t, mask_d, mask_t, mask = _tile(channels, length, BD, T)
     mask_next = mask_d[:, None] & (offs_t + 1 < length)[None, :]
-    dt_next = _delta(delta_ptr + seq * sd_b + 1, bias_ptr, offs_d, offs_t, sd_d, mask_next, mask_d, SOFTPLUS)
+    dt_next, _ = _delta(delta_ptr + 1, bias_ptr, seq, sd_b, sd_d, offs_d, offs_t, mask_next, mask_d, SOFTPLUS)
     dy, _, _, _ = _grad_y(dout_ptr, z_ptr, seq, offs_d, offs_t, mask, sg_b, sg_d, sz_b, sz_d, HAS_Z)
     out = ((seq * channels + offs_d) * n_chunks + chunk) * N
     for n in range(N):
         A_n = tl.load(A_ptr + offs_d * sA_d + n, mask=mask_d, other=0.0)
-        C_n = tl.load(C_ptr + seq * sC_b + n * sC_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+        C_n = _row(C_ptr, seq, sC_b, sC_n, n, offs_t, mask_t)
         decay, adjoint = tl.associative_scan((tl.exp(dt_next * A_n[:, None]), dy * C_n[None, :]), 1, _then,
                                              reverse=True)
         tl.store(decay_ptr + out + n, _column(decay, 0, T), mask=mask_d)
@@ -172,16 +188,12 @@ def _bwd_grads(u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, do
                sdz_b, sdz_d, soz_b, soz_d, sA_d, sB_b, sB_n, sC_b, sC_n,
                N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr,
                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, OUT_Z: tl.constexpr):
-    chunk, block, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = block * BD + tl.arange(0, BD)
-    offs_t = chunk * T + tl.arange(0, T)
-    mask_d, mask_t = offs_d < channels, offs_t < length
-    mask = mask_d[:, None] & mask_t[None, :]
+    chunk, seq, offs_d, offs_t, mask_d, mask_t, mask = _tile(channels, length, BD, T)
     mask_next = mask_d[:, None] & (offs_t + 1 < length)[None, :]
-    u = tl.load(u_ptr + seq * su_b + offs_d[:, None] * su_d + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
-    dt = _delta(delta_ptr + seq * sd_b, bias_ptr, offs_d, offs_t, sd_d, mask, mask_d, SOFTPLUS)
-    dt_next = _delta(delta_ptr + seq * sd_b + 1, bias_ptr, offs_d, offs_t, sd_d, mask_next, mask_d, SOFTPLUS)
-    y = tl.load(y_ptr + seq * sy_b + offs_d[:, None] * sy_d + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = _load(u_ptr, seq, su_b, su_d, offs_d, offs_t, mask)
+    dt, slope = _delta(delta_ptr, bias_ptr, seq, sd_b, sd_d, offs_d, offs_t, mask, mask_d, SOFTPLUS)
+    dt_next, _ = _delta(delta_ptr + 1, bias_ptr, seq, sd_b, sd_d, offs_d, offs_t, mask_next, mask_d, SOFTPLUS)
+    y = _load(y_ptr, seq, sy_b, sy_d, offs_d, offs_t, mask)
     dy, gate, gate_slope, dout = _grad_y(dout_ptr, z_ptr, seq, offs_d, offs_t, mask, sg_b, sg_d, sz_b, sz_d,
                                          HAS_Z)
     dtu = dt * u
@@ -194,8 +206,8 @@ def _bwd_grads(u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, do
     states = ((seq * channels + offs_d) * n_chunks + chunk) * N
     for n in range(N):
         A_n = tl.load(A_ptr + offs_d * sA_d + n, mask=mask_d, other=0.0)
-        B_n = tl.load(B_ptr + seq * sB_b + n * sB_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-        C_n = tl.load(C_ptr + seq * sC_b + n * sC_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+        B_n = _row(B_ptr, seq, sB_b, sB_n, n, offs_t, mask_t)
+        C_n = _row(C_ptr, seq, sC_b, sC_n, n, offs_t, mask_t)
         drive = dtu * B_n[None, :]
         decay, state = tl.associative_scan((tl.exp(dt * A_n[:, None]), drive), 1, _then)
         h = state + decay * tl.load(start_ptr + states + n, mask=mask_d, other=0.0)[:, None]
@@ -208,22 +220,14 @@ def _bwd_grads(u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, do
         tl.atomic_add(dA_ptr + offs_d * N + n, tl.sum(g * dt * decayed, axis=1), mask=mask_d)
         tl.atomic_add(dB_ptr + (seq * N + n) * length + offs_t, tl.sum(g * dtu, axis=0), mask=mask_t)
         tl.atomic_add(dC_ptr + (seq * N + n) * length + offs_t, tl.sum(dy * h, axis=0), mask=mask_t)
-    if SOFTPLUS:
-        raw = tl.load(delta_ptr + seq * sd_b + offs_d[:, None] * sd_d + offs_t[None, :], mask=mask, other=0.0
-                      ).to(tl.float32) + tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
-        ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
-    ddt = tl.where(mask, ddt, 0.0)
+    ddt = tl.where(mask, ddt * slope, 0.0)
     tl.atomic_add(dbias_ptr + offs_d, tl.sum(ddt, axis=1), mask=mask_d)
-    tl.store(du_ptr + seq * sdu_b + offs_d[:, None] * sdu_d + offs_t[None, :], du, mask=mask)
-    tl.store(ddelta_ptr + seq * sdd_b + offs_d[:, None] * sdd_d + offs_t[None, :], ddt, mask=mask)
+    _store(du_ptr, seq, sdu_b, sdu_d, offs_d, offs_t, mask, du)
+    _store(ddelta_ptr, seq, sdd_b, sdd_d, offs_d, offs_t, mask, ddt)
     if HAS_Z:
-        tl.store(dz_ptr + seq * sdz_b + offs_d[:, None] * sdz_d + offs_t[None, :], dout * y * gate_slope, mask=mask)
+        _store(dz_ptr, seq, sdz_b, sdz_d, offs_d, offs_t, mask, dout * y * gate_slope)
         if OUT_Z:
-            tl.store(out_z_ptr + seq * soz_b + offs_d[:, None] * soz_d + offs_t[None, :], y * gate, mask=mask)
-
-
-def _grid(length: int, channels: int, batch: int) -> tuple[int, int, int]:
-    return triton.cdiv(length, CHUNK), triton.cdiv(channels, CHANNELS), batch
+            _store(out_z_ptr, seq, soz_b, soz_d, offs_d, offs_t, mask, y * gate)
 
 
 def _state_inputs(X: Tensor) -> Tensor:
@@ -231,9 +235,27 @@ def _state_inputs(X: Tensor) -> Tensor:
     return X.squeeze(1) if X.dim() == 4 else X
 
 
-def _summaries(like: Tensor, batch: int, channels: int, n_chunks: int, d_state: int) -> tuple[Tensor, Tensor]:
-    return tuple(torch.empty(batch, channels, n_chunks, d_state, device=like.device, dtype=torch.float32)
-                 for _ in range(2))
+def _unit_last(x: Tensor | None) -> Tensor | None:
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: Tensor | None) -> tuple[int, int]:
+    """(batch, channel) strides of a [batch, channels, L] tensor; (0, 0) for an absent one."""
+    return (0, 0) if x is None else (x.stride(0), x.stride(1))
+
+
+def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+              delta_bias: Tensor | None) -> dict:
+    """What every launch reads: unit-last-stride tensors, float32 A/D/bias (a zero bias when absent),
+    the grid (chunks, channel blocks, sequences) and the per-chunk state buffer shape."""
+    batch, channels, length = u.shape
+    bias = delta_bias if delta_bias is not None else torch.zeros(channels, device=u.device)
+    grid = (triton.cdiv(length, CHUNK), triton.cdiv(channels, CHANNELS), batch)
+    return {"u": _unit_last(u), "delta": _unit_last(delta), "A": A.float().contiguous(),
+            "B": _unit_last(_state_inputs(B)), "C": _unit_last(_state_inputs(C)),
+            "D": D.float().contiguous() if D is not None else None, "z": _unit_last(z),
+            "bias": bias.float().contiguous(), "grid": grid,
+            "states": (batch, channels, grid[0], A.shape[1])}
 
 
 def _carried(decay: Tensor, local: Tensor, reverse: bool) -> Tensor:
@@ -245,34 +267,23 @@ def _carried(decay: Tensor, local: Tensor, reverse: bool) -> Tensor:
     return carry
 
 
-def _unit_last(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
         delta_bias: Tensor | None, delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(out, chunk-start states, out_z): mamba-ssm's ``selective_scan_cuda.fwd`` (out is y before the gate)."""
-    u, delta = _unit_last(u), _unit_last(delta)
-    B, C = _unit_last(_state_inputs(B)), _unit_last(_state_inputs(C))
-    batch, channels, length = u.shape
-    d_state = A.shape[1]
-    A = A.float().contiguous()
-    bias = (delta_bias if delta_bias is not None else torch.zeros(channels, device=u.device)).float().contiguous()
-    grid = _grid(length, channels, batch)
-    decay, end = _summaries(u, batch, channels, grid[0], d_state)
-    _fwd_summary[grid](u, delta, bias, A, B, decay, end, channels, length, grid[0], u.stride(0), u.stride(1),
-                       delta.stride(0), delta.stride(1), A.stride(0), B.stride(0), B.stride(1),
+    o = _operands(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A, B, C, z, grid = o["u"], o["delta"], o["A"], o["B"], o["C"], o["z"], o["grid"]
+    channels, length, d_state = u.shape[1], u.shape[2], A.shape[1]
+    decay, end = (torch.empty(o["states"], device=u.device, dtype=torch.float32) for _ in range(2))
+    _fwd_summary[grid](u, delta, o["bias"], A, B, decay, end, channels, length, grid[0], *_strides(u),
+                       *_strides(delta), A.stride(0), B.stride(0), B.stride(1),
                        N=d_state, BD=CHANNELS, T=CHUNK, SOFTPLUS=delta_softplus)
     start = _carried(decay, end, reverse=False)
     out = torch.empty_like(u)
-    z = _unit_last(z) if z is not None else None
     out_z = torch.empty_like(z) if z is not None else None
-    D_arg = D.float().contiguous() if D is not None else bias
-    _fwd_output[grid](u, delta, bias, A, B, C, D_arg, z if z is not None else u, start, out,
-                      out_z if z is not None else out, channels, length, grid[0], u.stride(0), u.stride(1),
-                      delta.stride(0), delta.stride(1), *(z.stride()[:2] if z is not None else (0, 0)),
-                      out.stride(0), out.stride(1), *(out_z.stride()[:2] if z is not None else (0, 0)),
-                      A.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+    _fwd_output[grid](u, delta, o["bias"], A, B, C, o["D"] if D is not None else o["bias"],
+                      z if z is not None else u, start, out, out_z if z is not None else out,
+                      channels, length, grid[0], *_strides(u), *_strides(delta), *_strides(z), *_strides(out),
+                      *_strides(out_z), A.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
                       N=d_state, BD=CHANNELS, T=CHUNK, SOFTPLUS=delta_softplus, HAS_D=D is not None,
                       HAS_Z=z is not None)
     return out, start, out_z
@@ -288,19 +299,15 @@ def bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | N
     when B and C came so, in float32.
     """
     four_d = B.dim() == 4
-    u, delta, dout, out = (_unit_last(x) for x in (u, delta, dout, out))
-    B, C = _unit_last(_state_inputs(B)), _unit_last(_state_inputs(C))
+    o = _operands(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A, B, C, z, grid = o["u"], o["delta"], o["A"], o["B"], o["C"], o["z"], o["grid"]
+    dout, out = _unit_last(dout), _unit_last(out)
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    A = A.float().contiguous()
-    bias = (delta_bias if delta_bias is not None else torch.zeros(channels, device=u.device)).float().contiguous()
-    grid = _grid(length, channels, batch)
-    z = _unit_last(z) if z is not None else None
-    decay, local = _summaries(u, batch, channels, grid[0], d_state)
-    _bwd_summary[grid](delta, bias, A, C, dout, z if z is not None else dout, decay, local, channels, length,
-                       grid[0], delta.stride(0), delta.stride(1), C.stride(0), C.stride(1), dout.stride(0),
-                       dout.stride(1), *(z.stride()[:2] if z is not None else (0, 0)), A.stride(0),
-                       N=d_state, BD=CHANNELS, T=CHUNK, SOFTPLUS=delta_softplus, HAS_Z=z is not None)
+    decay, local = (torch.empty(o["states"], device=u.device, dtype=torch.float32) for _ in range(2))
+    _bwd_summary[grid](delta, o["bias"], A, C, dout, z if z is not None else dout, decay, local, channels, length,
+                       grid[0], *_strides(delta), C.stride(0), C.stride(1), *_strides(dout), *_strides(z),
+                       A.stride(0), N=d_state, BD=CHANNELS, T=CHUNK, SOFTPLUS=delta_softplus, HAS_Z=z is not None)
     carry = _carried(decay, local, reverse=True)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     if z is not None and dz is None:
@@ -310,14 +317,11 @@ def bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | N
     dA = torch.zeros(channels, d_state, **zeros)
     dD, dbias = torch.zeros(channels, **zeros), torch.zeros(channels, **zeros)
     dB, dC = torch.zeros(batch, d_state, length, **zeros), torch.zeros(batch, d_state, length, **zeros)
-    D_arg = D.float().contiguous() if D is not None else bias
-    _bwd_grads[grid](u, delta, bias, A, B, C, D_arg, z if z is not None else u, dout, out, start, carry, du, ddelta,
-                     dz if z is not None else du, out_z if out_z is not None else du, dA, dB, dC, dD, dbias,
-                     channels, length, grid[0], u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
-                     *(z.stride()[:2] if z is not None else (0, 0)), dout.stride(0), dout.stride(1),
-                     out.stride(0), out.stride(1), du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1),
-                     *(dz.stride()[:2] if z is not None else (0, 0)),
-                     *(out_z.stride()[:2] if out_z is not None else (0, 0)),
+    _bwd_grads[grid](u, delta, o["bias"], A, B, C, o["D"] if D is not None else o["bias"], z if z is not None else u,
+                     dout, out, start, carry, du, ddelta, dz if z is not None else du,
+                     out_z if out_z is not None else du, dA, dB, dC, dD, dbias, channels, length, grid[0],
+                     *_strides(u), *_strides(delta), *_strides(z), *_strides(dout), *_strides(out), *_strides(du),
+                     *_strides(ddelta), *_strides(dz if z is not None else None), *_strides(out_z),
                      A.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
                      N=d_state, BD=CHANNELS, T=CHUNK, SOFTPLUS=delta_softplus, HAS_D=D is not None,
                      HAS_Z=z is not None, OUT_Z=out_z is not None)

@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 
 SCAN_KERNELS = ("mamba-ssm", "triton")
-_scan_kernels = "mamba-ssm"
+_triton_scan: ModuleType | None = None   # set by use_scan_kernels("triton") once it built and agreed
 log = logging.getLogger(__name__)
 
 
@@ -50,11 +50,7 @@ def _compiled_extensions() -> tuple[ModuleType, ModuleType]:
 def _extensions() -> tuple[ModuleType, ModuleType]:
     """(causal-conv1d, the selective scan chosen by `use_scan_kernels`): both have mamba-ssm's fwd/bwd."""
     conv1d, scan = _compiled_extensions()
-    if _scan_kernels == "triton":
-        from nnmamba import selective_scan_triton
-
-        return conv1d, selective_scan_triton
-    return conv1d, scan
+    return conv1d, _triton_scan or scan
 
 
 def use_scan_kernels(name: str) -> str:
@@ -64,21 +60,21 @@ def use_scan_kernels(name: str) -> str:
     on a small CUDA problem; if Triton is missing, fails to build or disagrees, one warning says
     so and mamba-ssm's kernels stay in use. Returns the kernels now in use.
     """
-    global _scan_kernels
+    global _triton_scan
     if name not in SCAN_KERNELS:
         raise ValueError(f"scan kernels must be one of {SCAN_KERNELS}, got {name!r}")
+    _triton_scan = None
     if name == "triton":
         try:
-            _check_triton_scan()
+            _triton_scan = _checked_triton_scan()
         except Exception as error:   # any build or launch failure: keep the kernels that work
             log.warning("Triton selective scan unavailable, using mamba-ssm's kernels: %s", error)
-            name = "mamba-ssm"
-    _scan_kernels = name
-    return name
+    return "mamba-ssm" if _triton_scan is None else "triton"
 
 
-def _check_triton_scan() -> None:
-    """One small fwd + bwd of both scans on CUDA (builds the Triton kernels); raises if they disagree."""
+def _checked_triton_scan() -> ModuleType:
+    """The Triton scan module after one small fwd + bwd of both scans on CUDA (which builds its
+    kernels); raises if they disagree."""
     from nnmamba import selective_scan_triton
 
     _, reference = _compiled_extensions()
@@ -95,6 +91,7 @@ def _check_triton_scan() -> None:
     for name, mine, theirs in zip(("out_z", "du", "ddelta", "dA", "dB", "dC", "dD", "dbias", "dz"), *results[::-1]):
         if not torch.allclose(mine.float(), theirs.float(), rtol=1e-3, atol=1e-3 * float(theirs.abs().max())):
             raise RuntimeError(f"its {name} differs from mamba-ssm's by {float((mine - theirs).abs().max()):.3g}")
+    return selective_scan_triton
 
 
 @functools.cache
