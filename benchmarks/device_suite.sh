@@ -52,6 +52,14 @@ for step in "$@"; do
         -q -rA -p no:cacheprovider --junitxml="$RES/triton_tests.xml"
       run_step triton_speed 150 "$SRC" branch python3 "$S/scan_speed.py" --out "$RES/scan_speed.json" --skip-cpu \
         --triton ;;
+    scan_speed) for kernels in mamba-ssm triton; do   # the miccss step on each scan, baseline beside it
+          run_step speed_$kernels 150 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed_$kernels.json" \
+            --shapes amos fetal adni --rows baseline miccss --configs bf16-cl-graph --scan-kernels $kernels
+        done ;;
+    loss_scan) for kernels in mamba-ssm triton; do   # needs torchio (the pipeline kit)
+          run_step loss_$kernels 90 "$SRC" branch python3 "$S/loss_curve.py" --out "$RES/loss_curve_$kernels.json" \
+            --device cuda --steps 60 --scan-kernels $kernels
+        done ;;
     loader_tests) run_step loader_tests 200 "$SRC" branch python3 -m pytest tests/test_sampling.py \
         tests/test_array_patches.py tests/test_engine.py -q -rA -p no:cacheprovider --junitxml="$RES/loader_tests.xml" ;;
     scan_ncu) run_step scan_ncu 200 "$SRC" branch ncu --kernel-name "regex:selective_scan_${NCU_PASS:-}" \

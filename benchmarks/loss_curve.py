@@ -28,6 +28,7 @@ import torch
 
 from _common import code_version, machine, max_relative_difference, paper_augmentation
 from nnmamba.data.loading.augmentation import Augmentation
+from nnmamba.ssm_kernels import use_scan_kernels
 
 
 def learnable_batches(steps: int, seed: int, classes: int = 4, size: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -66,7 +67,8 @@ def loader_batches(steps: int, seed: int, augmentation: Augmentation) -> Iterabl
     return islice(repeat_batches(loader), steps)
 
 
-def train_curve(seed: int, steps: int, amp: str, through_loader: bool, augmentation: Augmentation) -> list[float]:
+def train_curve(seed: int, steps: int, amp: str, through_loader: bool, augmentation: Augmentation,
+                device: torch.device) -> list[float]:
     from nnmamba.engine import amp_dtype, build_optimizer, train_epoch
     from nnmamba.losses import build_loss
     from nnmamba.models import build_model
@@ -74,9 +76,10 @@ def train_curve(seed: int, steps: int, amp: str, through_loader: bool, augmentat
     batches = (loader_batches(steps, seed + 100, augmentation) if through_loader
                else learnable_batches(steps, seed + 100))
     torch.manual_seed(seed)
-    model = build_model("segmentation", "miccss", 4 if through_loader else 1, 4, base_channels=8, blocks_per_stage=2)
+    model = build_model("segmentation", "miccss", 4 if through_loader else 1, 4, base_channels=8,
+                        blocks_per_stage=2).to(device)
     optimizer = build_optimizer(model, "adam", lr=2e-3, weight_decay=1e-3)
-    loss_fn, device = build_loss("segmentation"), torch.device("cpu")
+    loss_fn = build_loss("segmentation")
     return [train_epoch(model, iter([batch]), loss_fn, optimizer, 1, device, amp_dtype(amp)) for batch in batches]
 
 
@@ -104,7 +107,7 @@ def compare(paths: list[Path], png: Path) -> None:
             ax.plot(run["curves"][seed], style, label=f"{run['code']} seed {seed}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (Dice + CE)")
-    ax.set_title(f"miccss, CPU, {runs[0]['amp']}: before/after max diff {code_gap:.1e}, seeds {seed_gap:.1e}")
+    ax.set_title(f"miccss, {runs[0].get('device', 'cpu')}, {runs[0]['amp']}: before/after max diff {code_gap:.1e}, seeds {seed_gap:.1e}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -115,7 +118,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--amp", default="none", help="none | bf16 (CPU autocast)")
+    parser.add_argument("--amp", default="none", help="none | bf16 (autocast)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--scan-kernels", choices=["mamba-ssm", "triton"], default="mamba-ssm",
+                        help="on CUDA: the fused Mamba block's selective scan (nnmamba.ssm_kernels)")
     parser.add_argument("--loader", action="store_true", help="batches from make_patch_loader (synthetic BraTS)")
     parser.add_argument("--paper-augmentation", action="store_true",
                         help="with --loader: the paper profile's augmentation instead of flips only")
@@ -126,8 +132,12 @@ def main() -> None:
         compare(args.compare, args.png)
         return
     augmentation = paper_augmentation() if args.paper_augmentation else FLIPS
-    curves = {str(seed): train_curve(seed, args.steps, args.amp, args.loader, augmentation) for seed in args.seeds}
+    device = torch.device(args.device)
+    scan_kernels = use_scan_kernels(args.scan_kernels) if device.type == "cuda" else None
+    curves = {str(seed): train_curve(seed, args.steps, args.amp, args.loader, augmentation, device)
+              for seed in args.seeds}
     args.out.write_text(json.dumps({"benchmark": "loss_curve", "code": code_version(), "amp": args.amp,
+                                    "device": args.device, "scan_kernels": scan_kernels,
                                     "loader": args.loader, "augmentation": asdict(augmentation) if args.loader else None,
                                     "steps": args.steps, "curves": curves, "machine": machine()}, indent=2))
     print({seed: [round(x, 4) for x in curve[::10]] for seed, curve in curves.items()})

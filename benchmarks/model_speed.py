@@ -32,6 +32,7 @@ from nnmamba.complexity import count_macs
 from nnmamba.engine import CAPTURE_WARMUP_STEPS, CapturedTrainStep, build_optimizer, train_epoch
 from nnmamba.losses import build_loss
 from nnmamba.models import available_variants, count_parameters
+from nnmamba.ssm_kernels import use_scan_kernels
 
 
 @dataclass(frozen=True)
@@ -244,9 +245,12 @@ def main() -> None:
                         help="keep the batch in host memory (each step copies it to the GPU)")
     parser.add_argument("--check-graph", action="store_true", help="compare graph-replayed and eager losses")
     parser.add_argument("--profile", type=Path, default=None, help="write a profiler table of each miccss run here")
+    parser.add_argument("--scan-kernels", choices=["mamba-ssm", "triton"], default="mamba-ssm",
+                        help="the selective-scan kernels of the fused Mamba block (nnmamba.ssm_kernels)")
     args = parser.parse_args()
 
     torch.backends.cudnn.benchmark = True
+    scan_kernels = use_scan_kernels(args.scan_kernels)
     configs = [Config.parse(c) for c in args.configs]
     results = ResultFile(args.out, {"benchmark": "model_speed", "steps": args.steps, "repeats": args.repeats,
                                     "shapes": {t: [asdict(s) for s in v] for t, v in SHAPES.items()}})
@@ -256,13 +260,14 @@ def main() -> None:
             if (args.rows and name not in args.rows) or (args.shapes and shape.name not in args.shapes):
                 continue
             entry = {"task": task, "backbone": row[0], "variant": name, "shape": shape.name, "config": str(config),
-                     "host_batches": args.host_batches,
+                     "host_batches": args.host_batches, "scan_kernels": scan_kernels,
                      **measure(task, row, shape, config, args.steps, args.repeats, args.host_batches)}
             torch.cuda.empty_cache()  # the measured model is gone with measure()'s frame
             if config.graph and args.check_graph:
                 entry["graph_vs_eager_max_relative_loss_difference"] = graph_matches_eager(task, row, shape, config)
             results.add(entry)
             print(f"{task:14s} {shape.name:6s} {name:9s} {config!s:16s} step {entry['train_step']['median_ms']:7.1f} ms"
+                  f"  scan {scan_kernels}"
                   f"  infer {entry['inference']['median_ms']:6.1f} ms  peak {entry['peak_memory_gib']:5.2f} GiB"
                   f"  {entry['parameters_m']:6.2f} M  {entry['gmacs_per_sample']:7.1f} GMAC", flush=True)
             if args.profile and name == "miccss":
