@@ -6,7 +6,7 @@
 #   KIT=.gpukit/b1 SRC=.gpukit/b1/src BASE=.gpukit/b1/base bash .gpukit/b1/src/benchmarks/device_suite.sh STEP...
 #
 # KIT holds mamba-kernels-sm90.tar.xz (unpacked to /tmp/site unless already there), wheels in
-# wh/, and optionally ray-slim.tar.xz; SRC is the checkout under test, BASE a reference checkout.
+# wh/, and optionally ray-slim.tar.xz and pipeline-site.tar.xz (build_pipeline_kit.sh); SRC is the checkout under test, BASE a reference checkout.
 set -uo pipefail
 KIT=$(realpath "${KIT:-.gpukit}")
 SRC=$(realpath "${SRC:-.}")
@@ -18,6 +18,7 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 [ -f "$KIT/mamba-kernels-sm90.tar.xz" ] && [ ! -d /tmp/site/mamba_ssm ] && tar xJf "$KIT/mamba-kernels-sm90.tar.xz" -C /tmp/site
 [ -f "$KIT/ray-slim.tar.xz" ] && tar xJf "$KIT/ray-slim.tar.xz" -C /tmp/site
+[ -f "$KIT/pipeline-site.tar.xz" ] && tar xJf "$KIT/pipeline-site.tar.xz" -C /tmp/site
 ls "$KIT"/wh/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
   --upgrade "$KIT"/wh/*.whl 2>&1 | tail -2
 nvidia-smi --query-gpu=index,name,memory.total,power.limit --format=csv > "$RES/nvidia_smi.csv"
@@ -60,6 +61,10 @@ for step in "$@"; do
           run_step loss_$kernels 90 "$SRC" branch python3 "$S/loss_curve.py" --out "$RES/loss_curve_$kernels.json" \
             --device cuda --steps 60 --scan-kernels $kernels
         done ;;
+    speed_brats) run_step speed_brats 120 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed_brats.json" \
+        --shapes brats --rows baseline mic miccss --configs bf16-cl-graph ;;   # pipeline_gpu.py's --speed
+    pipeline) run_step pipeline_${PIPELINE_OUT:-pipeline} 580 "$SRC" branch python3 "$S/pipeline_gpu.py" --profile gpu-smoke \
+        --out "$RES/${PIPELINE_OUT:-pipeline}" ${STAGES:+--stages $STAGES} ${PIPELINE_ARGS:-} ;;
     loader_tests) run_step loader_tests 200 "$SRC" branch python3 -m pytest tests/test_sampling.py \
         tests/test_array_patches.py tests/test_engine.py -q -rA -p no:cacheprovider --junitxml="$RES/loader_tests.xml" ;;
     scan_ncu) run_step scan_ncu 200 "$SRC" branch ncu --kernel-name "regex:selective_scan_${NCU_PASS:-}" \

@@ -6,7 +6,9 @@ second, and writes one JSON: each stage's wall time, each trial's epochs split i
 validation (from the MLflow runs the train stage logged), trial start to first step, the driver's
 MLflow time per epoch, evaluate's time per case, and the GPU busy fraction inside training epochs.
 With `--speed` (a `model_speed.py` JSON of the same card) each epoch's train steps are compared with
-`steps_per_epoch` times the variant's CUDA-graph step.
+`steps_per_epoch` times the variant's CUDA-graph step. With `--train-job` the train stage goes to a
+`ray start` head on this machine through `ray job submit`, as docs/cluster.md spells it (the head is
+started first and stopped after; if the job fails, the stage's own command runs instead).
 
     python benchmarks/pipeline_gpu.py --profile gpu-smoke --study brats2023 --out results/
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -102,6 +105,31 @@ def run_stage(name: str, command: list[str], log: Path) -> tuple[float, int]:
     return time.perf_counter() - started, process.returncode
 
 
+DASHBOARD = "http://127.0.0.1:8265"
+
+
+def ray_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ray.scripts.scripts", *args]
+
+
+def start_head(log: Path) -> float:
+    """`ray start --head` with token authentication (docs/cluster.md); its seconds. Every later Ray
+    client of this process's children reads the token from ~/.ray/auth_token."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    run_stage("ray get-auth-token", ray_cli("get-auth-token", "--generate"), log)
+    seconds, code = run_stage("ray start", ray_cli("start", "--head", "--dashboard-host=127.0.0.1"), log)
+    if code:
+        raise RuntimeError(f"ray start failed (exit {code}); see {log}")
+    return seconds
+
+
+def train_job_command(study: str) -> list[str]:
+    """The train stage as a job on the head (docs/cluster.md's `ray job submit` line)."""
+    entrypoint = f"NNMAMBA_WORKSPACE={ROOT} {sys.executable} -m pipelines.train {study}"
+    return ray_cli("job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--runtime-env",
+                   "ray_configs/runtime_env.yaml", "--", entrypoint)
+
+
 def graph_step_ms(speed_json: Path | None, shape: str) -> dict[str, float]:
     """Median CUDA-graph train step (ms) per nnMamba variant from a model_speed.py JSON."""
     if speed_json is None or not speed_json.is_file():
@@ -167,6 +195,23 @@ def summarise(study: str, steps_per_epoch: int, graph_ms: dict[str, float], samp
             "peak_gpu_memory_gib": max((m for *_, m in sampler.samples), default=None)}
 
 
+def run_train_job(study: str, stage_command: list[str], log: Path, result: ResultFile) -> tuple[float, int]:
+    """The train stage through `ray job submit`; the stage's own command if the job fails. Records
+    the head's start, the job's seconds and exit code in the stage's entry."""
+    entry = result.payload["stages"][f"train@{study}"]
+    entry["ray_start_s"] = start_head(log)
+    try:
+        seconds, code = run_stage(f"train@{study} (ray job submit)", train_job_command(study), log)
+    finally:
+        run_stage("ray stop", ray_cli("stop"), log)
+    entry |= {"via": "ray job submit", "job_seconds": seconds, "job_exit_code": code}
+    if code:
+        print(f"pipeline_gpu: the train job failed (exit {code}); running the stage's command", flush=True)
+        entry["via"] = "the stage's command, after the job failed"
+        return run_stage(f"train@{study}", stage_command, log)
+    return seconds, code
+
+
 REPORT = re.compile(r"ray_results/(?P<run>[^/]+)/checkpoint_(?P<at>\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+)\), "
                     r"metrics=(?P<metrics>\{[^}]*\})")
 
@@ -202,6 +247,7 @@ def main() -> None:
     parser.add_argument("--shape", default="brats", help="model_speed shape matching the study's input")
     parser.add_argument("--stages", nargs="+", help="only these stage names (e.g. evaluate@brats2023)")
     parser.add_argument("--report", action="store_true", help="also run the report stage")
+    parser.add_argument("--train-job", action="store_true", help="train through `ray job submit` to a local head")
     args = parser.parse_args()
     if args.busy_from_log:
         summary = busy_from_log(args.out)
@@ -227,8 +273,11 @@ def main() -> None:
             continue
         result.payload["stages"][name] = {"started_at": time.time()}   # a stage cut short still shows
         result.write()
-        seconds, code = run_stage(name, command, log)
-        result.payload["stages"][name] = {"seconds": seconds, "exit_code": code}
+        if args.train_job and name.startswith("train@"):
+            seconds, code = run_train_job(args.study, command, log, result)
+        else:
+            seconds, code = run_stage(name, command, log)
+        result.payload["stages"][name] |= {"seconds": seconds, "exit_code": code}
         result.write()
         if code:
             print(f"pipeline_gpu: {name} failed (exit {code}); see {log}", flush=True)

@@ -107,7 +107,27 @@ def triton_comparison(results: ResultFile, repeats: int) -> None:
         entry[f"speedup_{mode}"] = entry[f"cuda_{mode}"]["median_ms"] / entry[f"triton_{mode}"]["median_ms"]
         print(f"GPU {mode:17s} triton {entry[f'triton_{mode}']['median_ms']:7.3f} ms  cuda "
               f"{entry[f'cuda_{mode}']['median_ms']:7.3f} ms  speed-up {entry[f'speedup_{mode}']:4.2f}x", flush=True)
+    entry["kernels_ms"] = {name: kernel_times(forward_backward(scan, inputs), repeats)
+                           for name, scan in (("triton", selective_scan_triton), ("cuda", selective_scan_fn))}
+    for name, kernels in entry["kernels_ms"].items():
+        print(f"GPU forward_backward {name} kernels (ms per call):",
+              ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()), flush=True)
     results.add(entry)
+
+
+def kernel_times(call: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Each GPU kernel's time per `call` (ms), from torch.profiler, longest first: where a scan's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            call()
+        torch.cuda.synchronize()
+    times = {e.key[:60]: e.self_device_time_total / 1e3 / repeats for e in prof.key_averages()
+             if e.self_device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
 def cpu_comparison(results: ResultFile, repeats: int, chunks: list[int | None]) -> None:

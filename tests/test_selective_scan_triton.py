@@ -32,11 +32,11 @@ def _inputs(batch: int, channels: int, length: int, d_state: int = 16, dtype: to
     g = torch.Generator().manual_seed(batch * 1000 + channels + length)
     shape = (batch, channels, length)
     values = [torch.randn(*shape, generator=g),
-              torch.rand(*shape, generator=g) * 0.5 + 0.05,   # positive: a decay below 1 also without softplus
+              torch.rand(*shape, generator=g) * 0.5 + 0.05,   # delta + bias > 0: a decay below 1 also without softplus
               -torch.rand(channels, d_state, generator=g) * 2 - 0.1,
               torch.randn(batch, d_state, length, generator=g), torch.randn(batch, d_state, length, generator=g),
               torch.randn(channels, generator=g), torch.randn(*shape, generator=g),
-              torch.randn(channels, generator=g) * 0.3]
+              torch.rand(channels, generator=g) * 0.3]
     return [v.to(device=device, dtype=dtype).requires_grad_() for v in values]
 
 
