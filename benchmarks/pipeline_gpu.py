@@ -125,9 +125,9 @@ def start_head(log: Path) -> float:
 
 def train_job_command(study: str) -> list[str]:
     """The train stage as a job on the head (docs/cluster.md's `ray job submit` line)."""
-    entrypoint = f"NNMAMBA_WORKSPACE={ROOT} {sys.executable} -m pipelines.train {study}"
     return ray_cli("job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--runtime-env",
-                   "ray_configs/runtime_env.yaml", "--", entrypoint)
+                   "ray_configs/runtime_env.yaml", "--", f"NNMAMBA_WORKSPACE={ROOT}", sys.executable, "-m",
+                   "pipelines.train", study)
 
 
 def graph_step_ms(speed_json: Path | None, shape: str) -> dict[str, float]:
