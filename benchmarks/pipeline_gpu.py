@@ -83,6 +83,20 @@ def set_profile(profile: str) -> None:
         print(f"pipeline_gpu: params.yaml profile set to {profile}", flush=True)
 
 
+def set_variants(profile: str, study: str, variants: list[str]) -> None:
+    """Train only these variants in the profile's `study` (rewrites params.yaml without its comments,
+    as `dvc exp run -S` rewrites it)."""
+    import yaml
+
+    params = ROOT / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    train = raw.setdefault("profiles", {}).setdefault(profile, {}).setdefault("studies", {}).setdefault(
+        study, {}).setdefault("train", {})
+    train["variants"] = variants
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    print(f"pipeline_gpu: params.yaml trains {variants} in {study} under {profile}", flush=True)
+
+
 def stage_commands(study: str, synthetic: str, report: bool) -> list[tuple[str, list[str]]]:
     """(name, command) of each stage of one study, as dvc.yaml's `cmd` lines spell them."""
     stages = [(f"synthesize@{synthetic}", ["synthesize", synthetic])] + [
@@ -247,6 +261,7 @@ def main() -> None:
     parser.add_argument("--shape", default="brats", help="model_speed shape matching the study's input")
     parser.add_argument("--stages", nargs="+", help="only these stage names (e.g. evaluate@brats2023)")
     parser.add_argument("--report", action="store_true", help="also run the report stage")
+    parser.add_argument("--variants", nargs="+", help="train only these variants (rewrites params.yaml)")
     parser.add_argument("--train-job", action="store_true", help="train through `ray job submit` to a local head")
     args = parser.parse_args()
     if args.busy_from_log:
@@ -256,6 +271,8 @@ def main() -> None:
         return
 
     set_profile(args.profile)
+    if args.variants:
+        set_variants(args.profile, args.study, args.variants)
     sys.path.insert(0, str(ROOT))
     from pipelines.params import load_params
 
