@@ -90,8 +90,8 @@ def set_variants(profile: str, study: str, variants: list[str]) -> None:
 
     params = ROOT / "params.yaml"
     raw = yaml.safe_load(params.read_text())
-    train = raw.setdefault("profiles", {}).setdefault(profile, {}).setdefault("studies", {}).setdefault(
-        study, {}).setdefault("train", {})
+    target = raw if profile == "default" else raw.setdefault("profiles", {}).setdefault(profile, {})
+    train = target.setdefault("studies", {}).setdefault(study, {}).setdefault("train", {})
     train["variants"] = variants
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     print(f"pipeline_gpu: params.yaml trains {variants} in {study} under {profile}", flush=True)

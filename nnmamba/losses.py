@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 
@@ -80,6 +79,10 @@ def segmentation_loss(terms: str = "dice_ce", **kw: Any) -> nn.Module:
     (soft Dice over the one-hot labels, softmaxed logits), or ``ce`` (cross-entropy alone, as
     SegMamba's 3_train.py). ``kw`` overrides any other argument of the MONAI (or torch) loss.
     """
+    # MONAI imported here, not at the top: `import monai` loads all of its submodules (seconds), and
+    # the pipeline's lighter stages import this module only for SEGMENTATION_LOSSES.
+    from monai.losses import DiceCELoss, DiceLoss
+
     if terms == "dice_ce":
         return DiceCELoss(**{"to_onehot_y": True, "softmax": True, **kw})
     if terms == "dice":

@@ -44,8 +44,6 @@ import ray.train
 import ray.tune
 import torch
 from mlflow.entities.model_registry import ModelVersion
-from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from nnmamba.atomic import WriteError, staged, write_new
 from nnmamba.checkpoint import ARCH_FILE, PREDICTION_FILE, WEIGHTS_FILE, load_bundle, model_from_arch, save_bundle
@@ -53,14 +51,14 @@ from nnmamba.backbones import NNMAMBA, get_backbone
 from nnmamba.models import available_variants
 from pipelines import registry, workspace
 from pipelines.cluster import connect_ray
-from pipelines.failures import FailFast, cause_line
+from pipelines.failures import cause_line
 from pipelines.model_logging import log_network
 from pipelines.params import StudySpec, TrialSpec, load_params
 from pipelines.progress import TrialProgress, grid_point
 from pipelines.resolve import resolve_study
 from pipelines.tasks import get_task
 from pipelines.tracking import StudyRuns, experiment_name, flatten, git_commit
-from pipelines.train_worker import STATE_FILE, train_loop
+from pipelines.trial import STATE_FILE, best_of, run_trial
 
 SCRATCH_INIT = "nnmamba/models.py"
 
@@ -163,53 +161,6 @@ def trial_specs(study: StudySpec, digest: str, storage_path: str) -> list[TrialS
         for backbone, variant in study.train.grid() for seed in study.train.seeds
         for fold, (train, val) in fold_cases(split).items()
     ]
-
-
-def build_trainer(trial: TrialSpec, callbacks: list) -> TorchTrainer:
-    """The Ray Train run of one (variant, seed): DDP workers, placement, storage and failure policy from params.
-
-    A run with the same name and storage path restores that run's latest checkpoint. Worker
-    crashes are retried up to `ray.max_failures`; a deterministic error is not (`FailFast`).
-    """
-    ray_spec = trial.study.ray
-    metric, mode = get_task(trial.study.task).selection(bool(trial.val_cases))
-    return TorchTrainer(
-        train_loop,
-        train_loop_config={"trial": trial, "trial_started_at": time.time()},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=ray_spec.num_workers,
-            use_gpu=ray_spec.use_gpu,
-            resources_per_worker=dict(ray_spec.resources_per_worker),
-            placement_strategy=ray_spec.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=trial.run_name,
-            storage_path=trial.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=ray_spec.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
-            ),
-            callbacks=[*callbacks, FailFast()],
-            # Ray Train's INFO lines (worker group started, process group set up, each checkpoint
-            # and report) repeat per trial and epoch; TrialProgress says what they say, once.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-    )
-
-
-def best_of(result: ray.train.Result, trial: TrialSpec) -> dict:
-    """What the export reads of a Ray Train run: its best checkpoint by the task's selection metric."""
-    metric, mode = get_task(trial.study.task).selection(bool(trial.val_cases))
-    better = max if mode == "max" else min
-    best_checkpoint, best_metrics = better(result.best_checkpoints, key=lambda pair: pair[1][metric])
-    return {"best_checkpoint_path": best_checkpoint.path, f"best_{metric}": best_metrics[metric],
-            "best_epoch": best_metrics["epoch"]}
-
-
-def run_trial(config: dict) -> None:
-    """A Tune function trainable: one Ray Train run for one (variant, seed); resumes by run name."""
-    trial: TrialSpec = config["trial"]
-    ray.tune.report(best_of(build_trainer(trial, [TuneReportCallback()]).fit(), trial))
 
 
 def finished_result(trial: TrialSpec) -> ray.train.Result | None:

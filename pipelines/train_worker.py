@@ -33,10 +33,11 @@ from nnmamba.engine import (DDP_OPTIONS, CapturedTrainStep, amp_dtype, build_opt
 from pipelines.failures import TrialDiverged
 from pipelines.params import TrialSpec
 from pipelines.tasks import Task, get_task
+from pipelines.trial import STATE_FILE
 
-STATE_FILE = "state.pt"
-# When this worker process had imported the training code (torch, MONAI, nnmamba): a trial's
-# start-up splits into launching the worker, its imports, and Ray Train's setup before the loop.
+# When this worker had imported the training code (MONAI, nnmamba's engine): Ray Train calls
+# `pipelines.trial.train_loop`, which imports this module, so a trial's start-up splits into
+# launching the worker, Ray Train's setup up to that call, these imports, and the loop's own set-up.
 IMPORTED_AT = time.time()
 
 

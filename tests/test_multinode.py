@@ -22,7 +22,8 @@ from ray.util.state import list_actors
 from pipelines.cluster import connect_ray
 from pipelines.params import StudySpec, deep_merge, load_params
 from pipelines.resolve import resolve_study
-from pipelines.train import build_trainer, trial_specs
+from pipelines.train import trial_specs
+from pipelines.trial import build_trainer
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 from nnmamba.checkpoint import model_from_arch
 from pipelines.params import StudySpec, TrialSpec
 from pipelines.train import architecture
-from pipelines.train_worker import STATE_FILE
+from pipelines.trial import STATE_FILE
 
 INDEX = {"channels": ["t1", "t1ce", "t2", "flair"], "labels": {"0": "background", "1": "ncr", "2": "ed", "3": "et"}}
 
