@@ -137,10 +137,10 @@ def start_head(log: Path) -> float:
     return seconds
 
 
-def train_job_command(study: str) -> list[str]:
+def train_job_command(study: str, workspace: Path) -> list[str]:
     """The train stage as a job on the head (docs/cluster.md's `ray job submit` line)."""
     return ray_cli("job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--runtime-env",
-                   "ray_configs/runtime_env.yaml", "--", f"NNMAMBA_WORKSPACE={ROOT}", sys.executable, "-m",
+                   "ray_configs/runtime_env.yaml", "--", f"NNMAMBA_WORKSPACE={workspace}", sys.executable, "-m",
                    "pipelines.train", study)
 
 
@@ -153,12 +153,12 @@ def graph_step_ms(speed_json: Path | None, shape: str) -> dict[str, float]:
             if r["backbone"] == "nnmamba" and r["shape"] == shape and r["config"].endswith("graph")}
 
 
-def trial_epochs(study: str) -> dict[str, list[dict]]:
+def trial_epochs(study: str, workspace: Path, tracking_uri: str) -> dict[str, list[dict]]:
     """Each trial's per-epoch timing metrics and the wall-clock time the driver logged them."""
     from mlflow.tracking import MlflowClient
 
-    trials = json.loads((ROOT / "models" / study / "trials.json").read_text())["trials"]
-    client = MlflowClient("sqlite:///" + str(ROOT / "mlflow.db"))
+    trials = json.loads((workspace / "models" / study / "trials.json").read_text())["trials"]
+    client = MlflowClient(tracking_uri)
     out = {}
     for trial in trials:
         history = {key: {m.step: m for m in client.get_metric_history(trial["run_id"], key)} for key in TIMING_KEYS}
@@ -178,9 +178,9 @@ def log_numbers(log: Path) -> dict[str, list[float]]:
             "evaluate_score_s": [float(x) for x in re.findall(r"scored in ([\d.]+) s", text)]}
 
 
-def summarise(study: str, steps_per_epoch: int, graph_ms: dict[str, float], sampler: GpuSampler, log: Path
-              ) -> dict:
-    trials = trial_epochs(study)
+def summarise(study: str, steps_per_epoch: int, graph_ms: dict[str, float], sampler: GpuSampler, log: Path,
+              workspace: Path, tracking_uri: str) -> dict:
+    trials = trial_epochs(study, workspace, tracking_uri)
     windows, later_windows, ratios = [], [], {}
     for name, epochs in trials.items():
         variant = name.split("-")[1]
@@ -209,13 +209,14 @@ def summarise(study: str, steps_per_epoch: int, graph_ms: dict[str, float], samp
             "peak_gpu_memory_gib": max((m for *_, m in sampler.samples), default=None)}
 
 
-def run_train_job(study: str, stage_command: list[str], log: Path, result: ResultFile) -> tuple[float, int]:
+def run_train_job(study: str, stage_command: list[str], log: Path, result: ResultFile, workspace: Path
+                  ) -> tuple[float, int]:
     """The train stage through `ray job submit`; the stage's own command if the job fails. Records
     the head's start, the job's seconds and exit code in the stage's entry."""
     entry = result.payload["stages"][f"train@{study}"]
     entry["ray_start_s"] = start_head(log)
     try:
-        seconds, code = run_stage(f"train@{study} (ray job submit)", train_job_command(study), log)
+        seconds, code = run_stage(f"train@{study} (ray job submit)", train_job_command(study, workspace), log)
     finally:
         run_stage("ray stop", ray_cli("stop"), log)
     entry |= {"via": "ray job submit", "job_seconds": seconds, "job_exit_code": code}
@@ -274,9 +275,12 @@ def main() -> None:
     if args.variants:
         set_variants(args.profile, args.study, args.variants)
     sys.path.insert(0, str(ROOT))
+    from pipelines import workspace
     from pipelines.params import load_params
+    from pipelines.tracking import tracking_uri
 
     params = load_params()
+    root = workspace.root()   # NNMAMBA_WORKSPACE when set: outputs outside the checkout
     study = params.studies[args.study]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "pipeline.log"
@@ -291,7 +295,7 @@ def main() -> None:
         result.payload["stages"][name] = {"started_at": time.time()}   # a stage cut short still shows
         result.write()
         if args.train_job and name.startswith("train@"):
-            seconds, code = run_train_job(args.study, command, log, result)
+            seconds, code = run_train_job(args.study, command, log, result, root)
         else:
             seconds, code = run_stage(name, command, log)
         result.payload["stages"][name] |= {"seconds": seconds, "exit_code": code}
@@ -302,9 +306,9 @@ def main() -> None:
     result.payload["wall_s"] = time.perf_counter() - started
     sampler.stopped.set()
     result.payload |= {"gpu_samples": sampler.samples}
-    if (ROOT / "models" / args.study / "trials.json").is_file():
-        result.payload |= summarise(args.study, study.train.steps_per_epoch,
-                                    graph_step_ms(args.speed, args.shape), sampler, log)
+    if (root / "models" / args.study / "trials.json").is_file():
+        result.payload |= summarise(args.study, study.train.steps_per_epoch, graph_step_ms(args.speed, args.shape),
+                                    sampler, log, root, tracking_uri(params.mlflow))
     result.write()
     print(json.dumps({k: v for k, v in result.payload.items() if k not in ("trials", "gpu_samples")}, indent=1,
                      default=str))
