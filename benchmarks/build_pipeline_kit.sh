@@ -3,7 +3,12 @@
 # the 64 MiB a call carries: .gpukit/pipeline-site.tar.xz (everything the stages import that the
 # device image lacks, DVC's own stack left out) and .gpukit/ray-slim.tar.xz (Ray without its Java
 # jars, RLlib, LLM and dashboard source maps; binaries stripped). Run here, from the repo root, after
-# ./setup.sh; carry one archive per call and untar each into /tmp/site there (docs/gpu.md).
+# ./setup.sh. A call carries at most 64 MiB with the working tree, so the kit ends up in three parts,
+# one per call, each untarred into /tmp/site there, in this order: .gpukit/a (the mamba-ssm kernels
+# of ../shared/gpu and the MONAI wheel, enough for model_speed.py), .gpukit/b (pipeline-site),
+# .gpukit/c (ray-slim). Calls must follow each other within the machine's 30 s of idle, and stage
+# outputs must live outside the checkout (NNMAMBA_WORKSPACE=/tmp/ws): the device tool deletes the
+# untracked, unignored data/ of a fresh checkout at every call (benchmarks/README.md, #15 at 1b9704c).
 set -euo pipefail
 KIT=.gpukit WH=.gpukit/wfull SITE=/tmp/nnmamba-kit-site RAY=/tmp/nnmamba-kit-ray
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
@@ -35,4 +40,7 @@ find "$SITE" "$RAY" -name "*.so*" -size +1M -print0 | xargs -0 strip --strip-unn
 strip --strip-unneeded "$RAY"/ray/core/src/ray/raylet/raylet "$RAY"/ray/core/src/ray/gcs/gcs_server
 tar cJf "$KIT/pipeline-site.tar.xz" -C "$SITE" .
 tar cJf "$KIT/ray-slim.tar.xz" -C "$RAY" .
-ls -la "$KIT"/*.tar.xz
+mkdir -p "$KIT/a/wh" "$KIT/b" "$KIT/c"
+cp ../shared/gpu/mamba-kernels-sm90.tar.xz "$KIT/a/" && cp "$WH"/monai-*.whl "$KIT/a/wh/"
+mv "$KIT/pipeline-site.tar.xz" "$KIT/b/" && mv "$KIT/ray-slim.tar.xz" "$KIT/c/"
+du -sh "$KIT"/a "$KIT"/b "$KIT"/c
