@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -38,8 +37,6 @@ TINY = {
               "samples_per_volume": 2, "queue_length": 4},
     "ray": {"max_concurrent_trials": 2},
 }
-# A re-run with nothing to train (issue #16): its models are already logged, so none is logged again.
-RERUN_S = 15
 
 
 def ray_list(cluster: dict, kind: str, *filters: str) -> list[dict]:
@@ -173,11 +170,9 @@ def faults(prepared, tmp_path_factory, ray_cluster) -> dict:
     after = histories(root)
 
     jobs, versions = len(ray_list(ray_cluster, "jobs")), model_versions(root)
-    started = time.monotonic()
     rerun = run_in(root, "dvc", "repro", "-f", "-s", f"train@{STUDY}", env=ray_cluster["env"])
-    rerun_s = time.monotonic() - started
     return {"root": root, "killed_at": killed_at, "stopped_at": stopped_at, "before": before, "after": after,
-            "resumed": resumed, "rerun": rerun, "rerun_s": rerun_s, "new_jobs": len(ray_list(ray_cluster, "jobs")) - jobs,
+            "resumed": resumed, "rerun": rerun, "new_jobs": len(ray_list(ray_cluster, "jobs")) - jobs,
             "versions": (versions, model_versions(root))}
 
 
@@ -212,7 +207,6 @@ def test_rerun_of_a_finished_stage_starts_no_ray(faults):
     root, out = faults["root"], faults["rerun"].stdout + faults["rerun"].stderr
     assert "ray: using" not in out and faults["new_jobs"] == 0, "the re-run connected to Ray"
     assert "train: 2 of 2 trials were trained before" in out
-    assert faults["rerun_s"] <= RERUN_S, faults["rerun_s"]
     before, after = faults["versions"]
     assert after == before and len(after) == len(TRIALS), "the re-run registered its models again"
     # The export is complete again, nothing was retrained.
