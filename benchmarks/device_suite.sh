@@ -63,8 +63,9 @@ for step in "$@"; do
         done ;;
     speed_brats) run_step speed_brats 120 "$SRC" branch python3 "$S/model_speed.py" --out "$RES/model_speed_brats.json" \
         --shapes brats --rows baseline mic miccss --configs bf16-cl-graph ;;   # pipeline_gpu.py's --speed
-    pipeline) run_step pipeline_${PIPELINE_OUT:-pipeline} 580 "$SRC" branch python3 "$S/pipeline_gpu.py" --profile gpu-smoke \
-        --out "$RES/${PIPELINE_OUT:-pipeline}" ${STAGES:+--stages $STAGES} ${PIPELINE_ARGS:-} ;;
+    pipeline) NNMAMBA_WORKSPACE=${NNMAMBA_WORKSPACE:-/tmp/ws} run_step pipeline_${PIPELINE_OUT:-pipeline} 580 "$SRC" \
+        branch python3 "$S/pipeline_gpu.py" --profile gpu-smoke --out "$OUT/${PIPELINE_OUT:-pipeline}" \
+        ${STAGES:+--stages $STAGES} ${PIPELINE_ARGS:-} ;;   # outputs outside the checkout, results in $OUT as they come
     loader_tests) run_step loader_tests 200 "$SRC" branch python3 -m pytest tests/test_sampling.py \
         tests/test_array_patches.py tests/test_engine.py -q -rA -p no:cacheprovider --junitxml="$RES/loader_tests.xml" ;;
     scan_ncu) run_step scan_ncu 200 "$SRC" branch ncu --kernel-name "regex:selective_scan_${NCU_PASS:-}" \

@@ -28,7 +28,7 @@ import torch
 
 from _common import code_version, machine, max_relative_difference, paper_augmentation
 from nnmamba.data.loading.augmentation import Augmentation
-from nnmamba.ssm_kernels import use_scan_kernels
+from nnmamba.ssm_kernels import SCAN_KERNELS, use_scan_kernels
 
 
 def learnable_batches(steps: int, seed: int, classes: int = 4, size: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--amp", default="none", help="none | bf16 (autocast)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
-    parser.add_argument("--scan-kernels", choices=["mamba-ssm", "triton"], default="mamba-ssm",
+    parser.add_argument("--scan-kernels", choices=SCAN_KERNELS, default="mamba-ssm",
                         help="on CUDA: the fused Mamba block's selective scan (nnmamba.ssm_kernels)")
     parser.add_argument("--loader", action="store_true", help="batches from make_patch_loader (synthetic BraTS)")
     parser.add_argument("--paper-augmentation", action="store_true",

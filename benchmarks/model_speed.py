@@ -32,7 +32,7 @@ from nnmamba.complexity import count_macs
 from nnmamba.engine import CAPTURE_WARMUP_STEPS, CapturedTrainStep, build_optimizer, train_epoch
 from nnmamba.losses import build_loss
 from nnmamba.models import available_variants, count_parameters
-from nnmamba.ssm_kernels import use_scan_kernels
+from nnmamba.ssm_kernels import SCAN_KERNELS, use_scan_kernels
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ def main() -> None:
                         help="keep the batch in host memory (each step copies it to the GPU)")
     parser.add_argument("--check-graph", action="store_true", help="compare graph-replayed and eager losses")
     parser.add_argument("--profile", type=Path, default=None, help="write a profiler table of each miccss run here")
-    parser.add_argument("--scan-kernels", choices=["mamba-ssm", "triton"], default="mamba-ssm",
+    parser.add_argument("--scan-kernels", choices=SCAN_KERNELS, default="mamba-ssm",
                         help="the selective-scan kernels of the fused Mamba block (nnmamba.ssm_kernels)")
     args = parser.parse_args()
 

@@ -1,9 +1,9 @@
 """One trial as Ray runs it: the Tune function trainable and the Ray Train run it launches.
 
 Ray imports this module in every trial's Tune actor and Ray Train controller, so it imports only
-what they run (Ray Train, the trial's settings), not the training code: that is torch, MONAI and
-nnMamba's engine, seconds per process, and only the Ray Train workers need it (`train_loop`
-imports `pipelines.train_worker` there).
+what they run (Ray Train, the trial's settings): not MONAI, nnMamba's engine or MLflow, seconds per
+process. Only the Ray Train workers need the training code (`train_loop` imports
+`pipelines.train_worker` there).
 """
 
 from __future__ import annotations
