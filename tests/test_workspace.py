@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipelines import workspace
@@ -114,12 +115,27 @@ def test_no_stage_imports_another_stage():
         assert not others, f"{stage} imports the stage module(s) {others}"
 
 
-def test_the_report_stage_does_not_load_ray_train_or_the_train_stage():
-    loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, pipelines.report; "
-         "print(' '.join(m for m in ('pipelines.train', 'pipelines.train_worker', 'ray.train') if m in sys.modules))"],
+def loaded_after_import(module: str, candidates: tuple[str, ...]) -> list[str]:
+    """Which of `candidates` a fresh interpreter has in sys.modules after `import module`."""
+    return subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print(' '.join(m for m in {candidates!r} if m in sys.modules))"],
         cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    assert loaded == []
+
+
+def test_the_report_stage_does_not_load_ray_train_or_the_train_stage():
+    assert loaded_after_import("pipelines.report", ("pipelines.train", "pipelines.train_worker", "ray.train")) == []
+
+
+@pytest.mark.parametrize("module, heavy", [
+    # Every trial's Tune actor and Ray Train controller import pipelines.trial: the training code
+    # (MONAI, the engine) and MLflow are for the workers and the driver only.
+    ("pipelines.trial", ("monai", "mlflow", "pipelines.train_worker", "nnmamba.engine")),
+    # Stages that only validate params.yaml do not pay for `import monai` (all of its submodules).
+    ("pipelines.split", ("monai",)),
+    ("pipelines.synthesize", ("monai",)),
+])
+def test_start_up_modules_leave_the_heavy_imports_to_who_needs_them(module, heavy):
+    assert loaded_after_import(module, heavy) == []
 
 
 def test_relative_paths_follow_the_workspace_variable(tmp_path, monkeypatch):
